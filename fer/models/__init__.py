@@ -1,0 +1,1 @@
+"""Model backbones (timm EfficientNets) and the loading of their pretrained weights."""

