@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ from fer.summary import flatten, print_summary, scalar, write_summary
 from fer.utils import CONFIG_DIR, one_line_errors, resolve_seed
 
 log = logging.getLogger("fer.train")
+# Metrics are logged per epoch, so Lightning's hint about the step-logging interval does not apply.
+warnings.filterwarnings("ignore", message=r"The number of training batches .* logging interval")
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -40,7 +43,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     seed = resolve_seed(cfg.get("seed"))
     with open_dict(cfg):
         cfg.seed = seed
-    L.seed_everything(seed, workers=True)
+    L.seed_everything(seed, workers=True, verbose=False)
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
 

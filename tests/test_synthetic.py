@@ -148,8 +148,8 @@ def _gradient_features(x: np.ndarray, cell: int = 4) -> np.ndarray:
     x = (x - x.mean((1, 2), keepdims=True)) / (x.std((1, 2), keepdims=True) + 1e-6)
     gy, gx = np.gradient(x, axis=(1, 2))
     n, h, w = x.shape
-    pooled = [g.reshape(n, h // cell, cell, w // cell, cell).mean((2, 4)).reshape(n, -1) for g in (np.abs(gx), np.abs(gy), x)]
-    return np.concatenate(pooled, 1)
+    pool = lambda g: g.reshape(n, h // cell, cell, w // cell, cell).mean((2, 4)).reshape(n, -1)  # noqa: E731
+    return np.concatenate([pool(np.abs(gx)), pool(np.abs(gy)), pool(x)], 1)
 
 
 def _ridge_classifier(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, alpha: float = 100.0) -> np.ndarray:

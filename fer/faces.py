@@ -1,0 +1,162 @@
+"""Loading photos and finding faces in them (OpenCV's bundled Haar cascade).
+
+`load_image` is the one place a photo becomes pixels: EXIF orientation applied, every Pillow mode
+(grayscale, RGB, RGBA, palette, CMYK, 16-bit) brought to 8-bit L or RGB, and Pillow's
+decompression-bomb guard left in force. `FaceDetector` returns boxes in the original image's pixels.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Union
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from fer.data.cache import _as_pil
+from fer.errors import DataError
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+Box = tuple[int, int, int, int]  # x, y, w, h in pixels of the original (EXIF-rotated) image
+
+HAAR_FRONTAL = "haarcascade_frontalface_default.xml"
+
+
+class ImageError(DataError):
+    """A photo that cannot be read: missing, not an image, truncated, a decompression bomb."""
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, UnidentifiedImageError):
+        return "not a recognised image file"
+    if isinstance(exc, Image.DecompressionBombError):
+        return (f"too many pixels, refused as a possible decompression bomb "
+                f"(Pillow's limit is {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels)")
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    if isinstance(exc, IsADirectoryError):
+        return "a directory, not an image"
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return text[:200] or type(exc).__name__
+
+
+def _standard_mode(im: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit "L" or "RGB" (alpha composited onto white, where transparent means background)."""
+    im = _as_pil(im)  # 16/32-bit and float -> L (rescaled, not clipped); palette -> RGBA
+    if im.mode in ("RGBA", "LA", "RGBa", "La"):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im).convert("RGB")
+    elif im.mode == "1":
+        im = im.convert("L")
+    elif im.mode not in ("L", "RGB"):
+        im = im.convert("RGB")  # CMYK, YCbCr, LAB, HSV
+    return im
+
+
+def _from_array(a: np.ndarray) -> Image.Image:
+    # Arrays are RGB(A) or grayscale, as skimage, PIL and matplotlib give them (OpenCV users: convert BGR first).
+    if a.dtype != np.uint8:
+        if np.issubdtype(a.dtype, np.floating) and a.size and np.nanmin(a) >= 0 and np.nanmax(a) <= 1:
+            a = np.rint(np.nan_to_num(a) * 255).astype(np.uint8)
+        elif a.dtype == np.uint16:
+            a = (a.astype(np.float64) / 257.0).round().astype(np.uint8)
+        else:
+            raise ValueError(f"expected a uint8 array (or float in [0, 1]), got {a.dtype}")
+    return _as_pil(np.ascontiguousarray(a))
+
+
+def load_image(image: ImageInput, name: str | None = None) -> Image.Image:
+    """A path, PIL image or array -> an upright 8-bit "L" or "RGB" PIL image; ImageError naming it otherwise."""
+    where = name or (str(image) if isinstance(image, (str, os.PathLike)) else "image")
+    try:
+        if isinstance(image, np.ndarray):
+            im = _from_array(image)
+        elif isinstance(image, Image.Image):
+            im = ImageOps.exif_transpose(image)
+        else:
+            with warnings.catch_warnings():
+                # Between 1x and 2x Pillow's pixel limit it only warns; above 2x it raises (kept in force).
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(Path(image)) as opened:
+                    opened.load()  # decode now: truncated and corrupt files fail here, inside this try
+                    im = ImageOps.exif_transpose(opened)
+        return _standard_mode(im)
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad files; each is the file's fault
+        raise ImageError(f"{where}: cannot read image ({_reason(exc)})") from exc
+
+
+@lru_cache(maxsize=4)
+def _cascade_file(name: str) -> str:
+    path = Path(cv2.data.haarcascades) / name
+    if not path.is_file():
+        raise DataError(f"Haar cascade {path} not found (opencv-python-headless<5 ships it)")
+    return str(path)
+
+
+@dataclass
+class FaceDetector:
+    """Haar-cascade face detection with the options `fer-predict` exposes.
+
+    detect=False treats the whole image as one pre-cropped face. Images larger than `max_side` are
+    downscaled for detection only (Haar cost grows with the pixel count), and boxes mapped back.
+    """
+
+    detect: bool = True
+    all_faces: bool = True
+    min_face_size: int = 30
+    max_side: int = 1280
+    scale_factor: float = 1.1
+    min_neighbors: int = 5
+    cascade: str = HAAR_FRONTAL
+
+    def __post_init__(self) -> None:
+        self._local = threading.local()  # a CascadeClassifier must not be shared between threads
+
+    def _classifier(self) -> cv2.CascadeClassifier:
+        clf = getattr(self._local, "clf", None)
+        if clf is None:
+            clf = cv2.CascadeClassifier(_cascade_file(self.cascade))
+            if clf.empty():
+                raise DataError(f"Haar cascade {self.cascade} could not be loaded")
+            self._local.clf = clf
+        return clf
+
+    def __call__(self, image: Image.Image) -> list[Box]:
+        """Face boxes of an 8-bit L/RGB image, largest first (only the largest unless all_faces)."""
+        width, height = image.size
+        if not self.detect:
+            return [(0, 0, width, height)]
+        gray = np.asarray(image.convert("L"))
+        scale = min(1.0, self.max_side / max(width, height))
+        if scale < 1.0:
+            gray = cv2.resize(gray, (max(1, round(width * scale)), max(1, round(height * scale))),
+                              interpolation=cv2.INTER_AREA)
+        min_size = max(1, round(self.min_face_size * scale))
+        found = self._classifier().detectMultiScale(
+            cv2.equalizeHist(gray), scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors,
+            minSize=(min_size, min_size),
+        )
+        boxes = []
+        for x, y, w, h in (found if len(found) else []):
+            x0, y0 = round(x / scale), round(y / scale)
+            x1, y1 = min(width, round((x + w) / scale)), min(height, round((y + h) / scale))
+            if x1 - x0 >= self.min_face_size and y1 - y0 >= self.min_face_size:
+                boxes.append((x0, y0, x1 - x0, y1 - y0))
+        boxes.sort(key=lambda b: b[2] * b[3], reverse=True)
+        return boxes if self.all_faces else boxes[:1]
+
+
+def crop_box(box: Box, size: tuple[int, int], margin: float) -> tuple[int, int, int, int]:
+    """The (left, top, right, bottom) crop around a face box: `margin` of its size added on every side,
+    clipped to the image. Haar boxes are tight (brows to chin); training faces (FER2013) show more."""
+    x, y, w, h = box
+    width, height = size
+    dx, dy = round(w * margin), round(h * margin)
+    return max(0, x - dx), max(0, y - dy), min(width, x + w + dx), min(height, y + h + dy)

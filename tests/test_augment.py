@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import torch
+
+from fer.data.augment import BatchAugment, to_float
+
+
+def faces(n=16, size=32) -> torch.Tensor:
+    x = torch.zeros(n, 1, size, size, dtype=torch.uint8)
+    x[:, :, :, : size // 4] = 255  # a bright stripe on the left: flips and shifts move it
+    return x
+
+
+def test_output_is_float_in_unit_range_and_same_shape():
+    out = BatchAugment()(faces())
+    assert out.dtype == torch.float32 and out.shape == (16, 1, 32, 32)
+    assert 0.0 <= out.min() and out.max() <= 1.0
+
+
+def test_identity_when_everything_is_off():
+    aug = BatchAugment(hflip=0, rotate_degrees=0, scale=(1, 1), translate=0, erase_p=0)
+    x = faces()
+    assert torch.equal(aug(x), to_float(x))
+
+
+def test_flip_mirrors_each_flipped_sample_exactly():
+    aug = BatchAugment(hflip=1.0, rotate_degrees=0, scale=(1, 1), translate=0, erase_p=0)
+    x = faces()
+    assert torch.allclose(aug(x), to_float(x).flip(-1), atol=1e-5)
+
+
+def test_parameters_differ_per_sample():
+    torch.manual_seed(0)
+    aug = BatchAugment(hflip=0.5, rotate_degrees=20, erase_p=0)
+    x = faces(n=32).expand(32, 1, 32, 32).clone()
+    out = aug(x)
+    distinct = {tuple(o.flatten()[::37].tolist()) for o in out}
+    assert len(distinct) > 16
+
+
+def test_random_erasing_touches_only_chosen_samples():
+    torch.manual_seed(0)
+    aug = BatchAugment(hflip=0, rotate_degrees=0, scale=(1, 1), translate=0, erase_p=0.5)
+    x = torch.zeros(64, 1, 32, 32, dtype=torch.uint8)
+    changed = (aug(x) != 0).flatten(1).any(1)
+    assert 10 < int(changed.sum()) < 54
+
+
+def test_seeded_runs_repeat():
+    aug = BatchAugment()
+    torch.manual_seed(3)
+    a = aug(faces())
+    torch.manual_seed(3)
+    b = aug(faces())
+    assert torch.equal(a, b)
