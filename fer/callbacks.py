@@ -80,3 +80,6 @@ class BackboneFreeze(BaseFinetuning):
         # BaseFinetuning restores the parameter groups it added; this callback adds none.
         if self.epochs > 0 and trainer.current_epoch >= self.epochs:
             self.make_trainable(self._body(pl_module))
+
+
+from fer.checkpointing import Preemption  # noqa: E402,F401 - configured as fer.callbacks.Preemption

@@ -67,10 +67,11 @@ def best_checkpoint(run_dir: Path) -> Path:
         except (OSError, ValueError):
             best = None
         if best:
-            # The run may have been moved or copied from another machine: try the name inside this folder too.
-            for candidate in (Path(best), folder / Path(best).name):
-                if candidate.is_file():
-                    return candidate
+            # By name inside this run's own folder: summary.json holds an absolute path, which in a moved or
+            # copied run points elsewhere (for a copy, at the original's file).
+            candidate = folder / Path(best).name
+            if candidate.is_file():
+                return candidate
     ckpts = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
     others = [p for p in ckpts if p.name != "last.ckpt"]
     if others or ckpts:

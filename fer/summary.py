@@ -66,3 +66,41 @@ def summary_table(summary: Mapping[str, Any], class_names: list[str]) -> Table:
 
 def print_summary(summary: Mapping[str, Any], class_names: list[str], console: Console | None = None) -> None:
     (console or Console()).print(summary_table(summary, class_names))
+
+
+# -- status.json: what a run is doing, for sweeps and for anyone watching a run directory ----------------
+STATUS_FILE = "status.json"
+
+
+def write_status(run_dir: Path, status: str, **fields: Any) -> Path:
+    """status.json: running | completed | failed | preempted, with pid, host and (when failed) the one-line error."""
+    import os
+    import socket
+    import time
+
+    path = Path(run_dir) / STATUS_FILE
+    record: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            record = {}
+    now = time.strftime("%Y-%m-%dT%H:%M:%S")
+    record.update({"status": status, "pid": os.getpid(), "host": socket.gethostname(), "updated": now})
+    if status == "running":
+        record.update({"started": now, "error": None, "ended": None})
+    else:
+        record["ended"] = now
+    record.update(fields)
+    tmp = path.with_name(f".{STATUS_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None

@@ -52,6 +52,8 @@ class FERClassifier(L.LightningModule):
         scheduler: dict[str, Any] | None = None,
         label_smoothing: float = 0.0,
         class_weights: str = "none",
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
         channels_last: bool = True,
         compile: bool = False,
         class_names: tuple[str, ...] = CLASSES,
@@ -136,10 +138,33 @@ class FERClassifier(L.LightningModule):
         self.val_confmat.reset()
         self.val_acc_best.reset()
 
+    def _mix(self, images: Tensor) -> tuple[Tensor, Tensor | None, float]:
+        """Mixup or CutMix (one of the two per batch, as in timm): mixed images, partner order, weight."""
+        mixup, cutmix = self.hparams["mixup_alpha"], self.hparams["cutmix_alpha"]
+        if mixup <= 0 and cutmix <= 0:
+            return images, None, 1.0
+        use_cutmix = cutmix > 0 and (mixup <= 0 or torch.rand(()).item() < 0.5)
+        lam = float(torch.distributions.Beta(cutmix if use_cutmix else mixup, cutmix if use_cutmix else mixup).sample())
+        order = torch.randperm(images.shape[0], device=images.device)
+        if not use_cutmix:
+            return lam * images + (1 - lam) * images[order], order, lam
+        h, w = images.shape[-2:]
+        cut_h, cut_w = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+        cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
+        top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
+        left, right = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+        mixed = images.clone()
+        mixed[..., top:bottom, left:right] = images[order][..., top:bottom, left:right]
+        lam = 1 - (bottom - top) * (right - left) / (h * w)  # the area actually pasted
+        return mixed, order, lam
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
+        images, order, lam = self._mix(images)
         logits = self(images)
         loss = self._loss(logits, labels)
+        if order is not None:
+            loss = lam * loss + (1 - lam) * self._loss(logits, labels[order])
         self.train_loss(loss.detach())
         self.train_acc(logits.detach(), labels)
         self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)

@@ -1,0 +1,227 @@
+"""Decoded uint8 cache: each split is decoded once into a memory-mapped (N, C, H, W) .npy on disk.
+
+Later runs (and every dataloader worker) map the same file instead of decoding JPEGs again. A cache
+folder is written under a temporary name and renamed into place, so a crash never leaves half a cache
+and two processes building the same split at once is harmless (the loser's copy is discarded).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from fer.errors import DataError
+from fer.data.base import Sample, Source
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1  # bump when the decoding/resizing below changes, so old caches are not reused
+CHUNK = 512  # samples decoded per batch of thread-pool work: bounds peak RAM, not the cache size
+
+
+@dataclass
+class CachedSplit:
+    images: np.ndarray  # uint8 (N, C, H, W), memory-mapped
+    labels: np.ndarray  # int64 (N,)
+    from_cache: bool
+    skipped: list[str] = field(default_factory=list)  # `where` of the samples dropped by on_bad="skip"
+
+
+def default_cache_dir() -> Path:
+    """$FER_CACHE_DIR, else $XDG_CACHE_HOME/fer, else ~/.cache/fer (never inside a dataset folder)."""
+    if os.environ.get("FER_CACHE_DIR"):
+        return Path(os.environ["FER_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "fer"
+
+
+def _to_8bit(a: np.ndarray, mode: str) -> np.ndarray:
+    """Scale 16/32-bit integer or float pixels to uint8 (rescale, never clip: 16-bit faces are not white)."""
+    a = a.astype(np.float64)
+    if mode.startswith("I;16") or (mode == "I" and a.min() >= 0 and a.max() <= 65535):
+        a = a / 257.0  # 0..65535 -> 0..255
+    elif mode == "F" and a.min() >= 0 and a.max() <= 1.0:
+        a = a * 255.0
+    elif a.max() > a.min() and (a.min() < 0 or a.max() > 255):
+        a = (a - a.min()) * (255.0 / (a.max() - a.min()))
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+
+def _as_pil(img: Image.Image | np.ndarray) -> Image.Image:
+    if isinstance(img, np.ndarray):
+        if img.dtype != np.uint8:
+            raise ValueError(f"expected a uint8 array, got {img.dtype}")
+        if img.ndim == 3 and img.shape[2] == 1:
+            img = img[:, :, 0]
+        if img.ndim == 2:
+            return Image.fromarray(img, "L")
+        if img.ndim == 3 and img.shape[2] in (3, 4):
+            return Image.fromarray(img, "RGB" if img.shape[2] == 3 else "RGBA")
+        raise ValueError(f"expected an (H, W), (H, W, 3) or (H, W, 4) array, got shape {img.shape}")
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        return Image.fromarray(_to_8bit(np.asarray(img), img.mode), "L")
+    if img.mode in ("P", "PA"):
+        img = img.convert("RGBA")  # resolves the palette (and palette transparency) before the final mode
+    return img
+
+
+def decode(img: Image.Image | np.ndarray, size: int, channels: int) -> np.ndarray:
+    """Any PIL mode or uint8 array -> uint8 (channels, size, size)."""
+    im = _as_pil(img)
+    target = "L" if channels == 1 else "RGB"
+    if im.mode != target:
+        if target == "L" and im.mode not in ("1", "L", "LA", "RGB", "RGBA"):
+            im = im.convert("RGB")  # CMYK, YCbCr, LAB...: through RGB, for the usual luma weights
+        im = im.convert(target)
+    if im.size != (size, size):
+        # Faces come pre-cropped, so non-square images are stretched rather than cropped. Pillow's
+        # bilinear resize widens its kernel when shrinking, so downscaling averages (no aliasing).
+        im = im.resize((size, size), Image.Resampling.BILINEAR)
+    a = np.asarray(im, dtype=np.uint8)
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
+def _reason(exc: BaseException, where: str) -> str:
+    """One short line saying why a sample could not be read."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "not a recognised image file"
+    text = (str(exc).strip().splitlines() or [""])[0]
+    if text.startswith(where + ": "):  # sources may already name the sample
+        text = text[len(where) + 2:]
+    text = text or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _cache_key(source: Source, split: str, size: int, channels: int) -> str:
+    parts = [source.fingerprint(split), str(size), str(channels), str(CACHE_VERSION)]
+    return hashlib.sha1("\0".join(parts).encode()).hexdigest()
+
+
+def _open_cached(folder: Path) -> CachedSplit | None:
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        images = np.load(folder / "images.npy", mmap_mode="r")
+        labels = np.load(folder / "labels.npy")
+    except (OSError, ValueError):
+        return None
+    if images.shape[0] != meta.get("count") or labels.shape != (images.shape[0],):
+        return None
+    return CachedSplit(images=images, labels=labels, from_cache=True, skipped=list(meta.get("skipped", [])))
+
+
+def load_split(
+    source: Source,
+    split: str,
+    size: int,
+    channels: int,
+    cache_dir: str | os.PathLike,
+    on_bad: str = "error",
+    workers: int | None = None,
+) -> CachedSplit:
+    """The decoded split, from the cache when its key (source fingerprint, size, channels) matches."""
+    if on_bad not in ("error", "skip"):
+        raise DataError(f"data.on_bad={on_bad!r}: expected 'error' or 'skip'")
+    if channels not in (1, 3):
+        raise DataError(f"data.channels={channels}: expected 1 or 3")
+    if size < 1:
+        raise DataError(f"data.image_size={size}: expected a positive integer")
+
+    cache_dir = Path(cache_dir)
+    key = _cache_key(source, split, size, channels)
+    final = cache_dir / f"{source.name}-{split}-{key[:16]}"
+    cached = _open_cached(final) if final.is_dir() else None
+    if cached is not None:
+        return cached
+
+    samples = source.samples(split)
+    if not samples:
+        raise DataError(f"{source.name} split {split!r}: no samples")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache_dir / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        good, skipped = _build(source, samples, split, size, channels, tmp, on_bad, workers)
+        labels = np.array([samples[i].label for i in good], dtype=np.int64)
+        np.save(tmp / "labels.npy", labels)
+        meta = {"source": source.name, "split": split, "count": len(good), "size": size,
+                "channels": channels, "version": CACHE_VERSION, "skipped": skipped}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        # If another process renamed its identical copy into place meanwhile, keep that one and drop ours.
+        if _open_cached(final) is None:
+            if final.exists():  # a broken folder under our key (e.g. deleted files): replace it
+                shutil.rmtree(final, ignore_errors=True)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not final.is_dir():
+                    raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    if skipped:
+        shown = ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+        warnings.warn(f"{source.name}/{split}: skipped {len(skipped)} unreadable image(s): {shown}", stacklevel=2)
+    result = _open_cached(final)
+    if result is None:
+        raise DataError(f"{final}: cache folder could not be read back after writing it")
+    result.from_cache = False
+    log.info("decoded %d images of %s/%s into %s", len(result.labels), source.name, split, final)
+    return result
+
+
+def _build(source, samples: list[Sample], split, size, channels, tmp: Path, on_bad, workers):
+    """Decode every sample into tmp/images.npy; returns (indices of the good samples, skipped `where`s)."""
+    n = len(samples)
+    images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,
+                                       shape=(n, channels, size, size))
+
+    def work(i: int) -> str | None:
+        # Threads: PIL decodes and resizes without the GIL. Each writes its own row of the memmap.
+        try:
+            images[i] = decode(source.load(samples[i]), size, channels)
+            return None
+        except Exception as exc:  # noqa: BLE001 - any failure to read is the sample's fault
+            return _reason(exc, samples[i].where)
+
+    bad: list[int] = []
+    skipped: list[str] = []
+    first_reason = ""
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        for start in range(0, n, CHUNK):
+            idx = range(start, min(start + CHUNK, n))
+            for i, reason in zip(idx, pool.map(work, idx)):
+                if reason is None:
+                    continue
+                if on_bad == "error":
+                    raise DataError(f"{samples[i].where}: cannot read image ({reason})")
+                bad.append(i)
+                skipped.append(samples[i].where)
+                first_reason = first_reason or f"{samples[i].where}: {reason}"
+    bad_set = set(bad)
+    good = [i for i in range(n) if i not in bad_set]
+    if not good:
+        raise DataError(f"{source.name} split {split!r}: none of the {n} images could be read ({first_reason})")
+    images.flush()
+    if bad:
+        # Rewrite without the holes, chunk by chunk, so RAM stays small.
+        compact = np.lib.format.open_memmap(tmp / "images.tmp.npy", mode="w+", dtype=np.uint8,
+                                            shape=(len(good), channels, size, size))
+        for start in range(0, len(good), CHUNK):
+            compact[start:start + CHUNK] = images[good[start:start + CHUNK]]
+        compact.flush()
+        del compact, images
+        os.replace(tmp / "images.tmp.npy", tmp / "images.npy")
+    else:
+        del images
+    return good, skipped

@@ -1,0 +1,284 @@
+"""Evaluate a checkpoint on a held-out split: accuracy, macro-F1, per-class metrics, confusion matrix,
+calibration (ECE, optional temperature scaling), with optional test-time augmentation.
+
+    python -m fer.evaluate ckpt_path=logs/train/runs/<run> tta=flip calibrate=true
+    python -m fer.evaluate ckpt_path=best.ckpt data_dir=~/faces
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+from fer.calibration import ECE_BINS, expected_calibration_error, fit_temperature, nll
+from fer.checkpoint import LoadedCheckpoint, load_checkpoint, write_calibration
+from fer.data.cache import load_split
+from fer.data.datamodule import stratified_split
+from fer.data.sources import FolderSource, _subdirs
+from fer.errors import CheckpointError, DataError
+from fer.labels import canonical
+from fer.plots import confusion_matrix_figure
+from fer.summary import scalar
+from fer.tta import MODES, NUM_VIEWS, average_probabilities, tta_logits
+from fer.utils import CONFIG_DIR, one_line_errors
+
+log = logging.getLogger("fer.evaluate")
+
+FOLDER_TARGETS = ("fer.data.sources.folder_source", "fer.data.sources.FolderSource")
+
+
+# -- which data -------------------------------------------------------------------------------------
+def data_config(cfg: DictConfig, loaded: LoadedCheckpoint, image_size: int) -> tuple[dict[str, Any], str]:
+    """The FERDataModule config to evaluate on, resolved, and where it came from.
+
+    Priority: `data=` on the command line, else the checkpoint run's own data config; `data_dir` swaps
+    in a folder tree. Size and channels always follow the checkpoint, the cache directory this machine.
+    """
+    origin = "data (command line)"
+    data = OmegaConf.to_container(cfg.data, resolve=False) if cfg.get("data") is not None else None
+    if data is None and loaded.run_config is not None and loaded.run_config.get("data") is not None:
+        data = OmegaConf.to_container(loaded.run_config.data, resolve=False)
+        origin = f"{loaded.run_dir}/.hydra/config.yaml"
+    if cfg.get("data_dir"):
+        root = str(Path(str(cfg.data_dir)).expanduser())
+        data = dict(data or {"_target_": "fer.data.datamodule.FERDataModule"})
+        data["source"] = {"_target_": "fer.data.sources.any_folder_source", "root": root, "ignore_classes": []}
+        data["root"] = root
+        origin = f"data_dir={root}"
+    if data is None:
+        raise DataError(
+            f"{loaded.path}: no data to evaluate on: it is not inside its run directory, so give "
+            f"data=synthetic|fer2013|folder (data.root=...) or data_dir=PATH"
+        )
+    source = data.get("source") or {}
+    if source.get("_target_") in FOLDER_TARGETS:
+        # Evaluation also takes trees without a train/ folder (<root>/<class>/, <root>/test/<class>/).
+        source["_target_"] = "fer.data.sources.any_folder_source"
+    data.update(image_size=image_size, channels=loaded.channels, cache_dir="${paths.cache_dir}")
+    # Resolve against this machine's paths (the run's config may name ${paths.data_dir}, ${paths.cache_dir}).
+    root_cfg = OmegaConf.create({"data": data, "paths": OmegaConf.to_container(cfg.paths, resolve=False)})
+    if loaded.run_config is not None and loaded.run_config.get("model") is not None:
+        root_cfg.model = loaded.run_config.model
+    return OmegaConf.to_container(root_cfg.data, resolve=True), origin
+
+
+def leave_out_unknown_classes(source: Any) -> list[str]:
+    """Class folders fer has no class for (e.g. AffectNet's contempt) are ignored, not an error; their names."""
+    if not isinstance(source, FolderSource):
+        return []
+    unknown = sorted({d.name for split in source.splits.values() for d in _subdirs(split) if canonical(d.name) is None})
+    # The listing is lazy (nothing read yet), so widening the ignore set here takes effect for every split.
+    source.ignore_classes = frozenset(source.ignore_classes | set(unknown))
+    return unknown
+
+
+def split_arrays(dm: Any, which: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """uint8 images and labels of the `which` ("test" or "val") split, decoded through the cache, and its name.
+
+    Only the split needed is decoded. A source without a val split validates on the stratified slice of
+    its train split that training held out (same val_fraction and split_seed).
+    """
+    roles = dm.source.roles()
+    name = (roles.test or roles.val) if which == "test" else roles.val
+    if name is not None:
+        split = load_split(dm.source, name, dm.image_size, dm.channels, dm.cache_dir, on_bad=dm.on_bad)
+        return split.images, split.labels, name
+    train = load_split(dm.source, roles.train, dm.image_size, dm.channels, dm.cache_dir, on_bad=dm.on_bad)
+    _, val_idx = stratified_split(train.labels, dm.val_fraction, dm.split_seed)
+    return train.images[val_idx], train.labels[val_idx], f"{roles.train} (held-out val_fraction={dm.val_fraction})"
+
+
+# -- running the model -----------------------------------------------------------------------------
+def pick_device(device: str) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def all_logits(model: torch.nn.Module, images: np.ndarray, tta: str, batch_size: int, device: torch.device) -> torch.Tensor:
+    """(N, views, classes) logits of uint8 (N, C, H, W) images; `batch_size` counts views, not images."""
+    model = model.to(device).eval()
+    step = max(1, batch_size // NUM_VIEWS[tta])
+    out = []
+    for start in range(0, len(images), step):
+        batch = torch.from_numpy(np.array(images[start:start + step])).to(device)  # a copy: the memmap is read-only
+        out.append(tta_logits(model, batch.float().div_(255.0), tta).cpu())
+    return torch.cat(out)
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1, and per-class precision / recall / F1 / support, with torchmetrics.
+
+    Macro-F1 averages over the classes present in the labels or the predictions (torchmetrics leaves out
+    a class that is neither), so a test set without `disgust` is not penalised for it.
+    """
+    k = len(class_names)
+    preds = probs.argmax(1)
+    per_class = {
+        "precision": MulticlassPrecision(k, average=None)(preds, labels),
+        "recall": MulticlassRecall(k, average=None)(preds, labels),
+        "f1": MulticlassF1Score(k, average=None)(preds, labels),
+    }
+    support = torch.bincount(labels, minlength=k)
+    return {
+        "accuracy": float(MulticlassAccuracy(k, average="micro")(preds, labels)),
+        "f1_macro": float(MulticlassF1Score(k, average="macro")(preds, labels)),
+        "per_class": {
+            name: {**{m: float(v[i]) for m, v in per_class.items()}, "support": int(support[i])}
+            for i, name in enumerate(class_names)
+        },
+        "confusion_matrix": MulticlassConfusionMatrix(k)(preds, labels).tolist(),
+    }
+
+
+def report_table(report: dict[str, Any]) -> Table:
+    table = Table(title=f"fer-eval: {report['split']} split, {report['num_samples']} images, tta={report['tta']}",
+                  header_style="bold")
+    for column in ("class", "precision", "recall", "F1", "support"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for name, m in report["metrics"]["per_class"].items():
+        table.add_row(name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
+    metrics = report["metrics"]
+    table.add_section()
+    table.add_row("[bold]accuracy[/]", "", "", f"[bold]{100 * metrics['accuracy']:.2f}%[/]", str(report["num_samples"]))
+    table.add_row("[bold]macro-F1[/]", "", "", f"[bold]{metrics['f1_macro']:.4f}[/]", "")
+    cal = report["calibration"]
+    table.add_row(f"ECE ({ECE_BINS} bins)", "", "", f"{cal['ece']:.4f}", "")
+    if cal["temperature"] != 1.0:
+        table.add_row(f"ECE, T={cal['temperature']:.3f}", "", "", f"{cal['ece_calibrated']:.4f}", "")
+    return table
+
+
+# -- the evaluation ---------------------------------------------------------------------------------
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate `cfg.ckpt_path` as `cfg` says; writes report.json and confusion_matrix.png, returns the report."""
+    started = time.perf_counter()
+    if cfg.tta not in MODES:
+        raise DataError(f"tta={cfg.tta!r}: expected one of {', '.join(MODES)}")
+    if cfg.split not in ("test", "val"):
+        raise DataError(f"split={cfg.split!r}: expected test or val")
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.get("device", "auto"))
+
+    loaded = load_checkpoint(cfg.ckpt_path)
+    image_size = cfg.get("image_size") or loaded.image_size
+    if not image_size:
+        raise CheckpointError(f"{loaded.path}: its training image size is not recorded; pass image_size=N")
+    data, origin = data_config(cfg, loaded, int(image_size))
+    dm = instantiate(data, _convert_="all")
+    left_out = leave_out_unknown_classes(dm.source)
+    images, labels_np, split_name = split_arrays(dm, cfg.split)
+    labels = torch.from_numpy(np.asarray(labels_np, dtype=np.int64))
+    class_names = loaded.class_names
+    batch_size = int(cfg.get("batch_size") or 128)
+
+    logits = all_logits(loaded.model, images, cfg.tta, batch_size, device)
+    temperature = loaded.temperature if cfg.get("use_calibration", True) else 1.0
+    fitted = None
+    if cfg.get("calibrate"):
+        val_images, val_labels_np, val_name = split_arrays(dm, "val")
+        val_labels = torch.from_numpy(np.asarray(val_labels_np, dtype=np.int64))
+        # T is fitted on plain logits (no TTA): one scalar for the network, applied per view afterwards.
+        val_logits = all_logits(loaded.model, val_images, "none", batch_size, device)[:, 0]
+        temperature = fit_temperature(val_logits, val_labels)
+        val_raw = torch.softmax(val_logits, 1)
+        val_cal = torch.softmax(val_logits / temperature, 1)
+        fitted = {
+            "temperature": temperature,
+            "fitted_on": f"{origin}: split {val_name}",
+            "same_images_as_evaluation": val_name == split_name,
+            "num_samples": int(len(val_labels)),
+            "nll_before": nll(val_logits, val_labels),
+            "nll_after": nll(val_logits, val_labels, temperature),
+            "ece_before": expected_calibration_error(val_raw, val_labels),
+            "ece_after": expected_calibration_error(val_cal, val_labels),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        write_calibration(loaded.path, fitted)
+
+    probs_raw = average_probabilities(logits, 1.0)
+    probs = average_probabilities(logits, temperature)
+    metrics = classification_metrics(probs, labels, class_names)
+    left_out_counts = {}
+    if left_out and isinstance(dm.source, FolderSource):
+        folder = dm.source.splits.get(split_name)
+        for name in left_out:
+            d = folder / name if folder is not None else None
+            left_out_counts[name] = sum(1 for p in d.iterdir() if p.is_file()) if d is not None and d.is_dir() else 0
+
+    report = {
+        "checkpoint": str(loaded.path),
+        "data": origin,
+        "source": getattr(dm.source, "name", type(dm.source).__name__),
+        "split": split_name,
+        "num_samples": int(len(labels)),
+        "image_size": int(image_size),
+        "channels": loaded.channels,
+        "tta": cfg.tta,
+        "class_names": class_names,
+        "left_out_classes": left_out,
+        "left_out_images": left_out_counts,
+        "metrics": metrics,
+        "calibration": {
+            "ece_bins": ECE_BINS,
+            "ece": expected_calibration_error(probs_raw, labels),  # before temperature scaling
+            "temperature": temperature,
+            "ece_calibrated": expected_calibration_error(probs, labels),  # after (equal when T = 1)
+            "nll": nll(logits.mean(1), labels) if cfg.tta == "none" else None,
+            "fitted": fitted,
+            "stored_in_checkpoint": loaded.calibration,
+        },
+        "output_dir": str(out_dir),
+        "wall_time_s": round(time.perf_counter() - started, 2),
+    }
+
+    fig = confusion_matrix_figure(np.array(metrics["confusion_matrix"]), class_names, show_counts=True,
+                                  title=f"{report['source']} {split_name} (tta={cfg.tta}): "
+                                        f"acc {100 * metrics['accuracy']:.1f}%")
+    fig.savefig(out_dir / "confusion_matrix.png")
+    plt.close(fig)
+    tmp = out_dir / "report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2, default=scalar) + "\n")
+    os.replace(tmp, out_dir / "report.json")
+
+    console = Console()
+    console.print(report_table(report))
+    if left_out:
+        console.print(f"left out (no fer class): {', '.join(left_out)}")
+    if fitted:
+        console.print(f"calibration: T={temperature:.3f} fitted on {fitted['fitted_on']}; "
+                      f"val ECE {fitted['ece_before']:.4f} -> {fitted['ece_after']:.4f}; stored in {loaded.path}")
+    console.print(f"report: {out_dir / 'report.json'}")
+    return report
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+@one_line_errors
+def main(cfg: DictConfig) -> float:
+    return evaluate(cfg)["metrics"]["accuracy"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""The Python API: photos in, faces with expression probabilities out.
+
+    from fer.inference import Predictor
+    predictor = Predictor.from_checkpoint("logs/train/runs/<run>")      # a run directory or a .ckpt
+    result = predictor.predict("photo.jpg")                                # or PIL images / arrays, or a list
+    for face in result.faces:
+        print(face.box, face.label, face.score, face.probabilities)
+
+Face crops are made in one place (`Predictor.preprocess`), and the network is called in one method
+(`Predictor._forward`: float32 NCHW in [0, 1] -> probabilities), so another backend (ONNX) only has to
+replace `_forward`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from fer.checkpoint import LoadedCheckpoint, load_checkpoint, load_classifier
+from fer.data.cache import decode
+from fer.errors import CheckpointError, DataError
+from fer.faces import Box, FaceDetector, ImageError, ImageInput, crop_box, load_image
+
+__all__ = ["Face", "ImageResult", "Predictor", "load_classifier", "load_checkpoint", "softmax"]
+
+
+@dataclass
+class Face:
+    box: Box  # x, y, w, h in pixels of the (EXIF-rotated) original image
+    probabilities: dict[str, float]  # every class -> probability; they sum to 1
+    label: str  # the most probable class
+    score: float  # its probability
+    detected: bool = True  # False: no face was found and the whole image was classified (fallback)
+
+
+@dataclass
+class ImageResult:
+    source: str  # the path, or "image[3]" for in-memory inputs
+    width: int = 0
+    height: int = 0
+    faces: list[Face] = field(default_factory=list)
+    error: str | None = None  # one line, when the image could not be read (errors="record")
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of logits / temperature (shared by every backend, so calibration applies to all)."""
+    z = logits.astype(np.float64) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_batch_size(device: str) -> int:
+    # Face crops are small (48-64 px): a GPU takes hundreds at once; on a CPU larger batches gain nothing.
+    return 256 if str(device).startswith("cuda") else 32
+
+
+class Predictor:
+    """Detects faces, crops them as the model was trained, and classifies all crops in batches."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module | None,
+        class_names: Sequence[str],
+        image_size: int,
+        channels: int,
+        detector: FaceDetector | None = None,
+        device: str | None = None,
+        batch_size: int | None = None,
+        margin: float = 0.2,
+        fallback: str = "none",
+        temperature: float = 1.0,
+        backend: str = "torch",
+    ) -> None:
+        if fallback not in ("none", "full-image"):
+            raise ValueError(f"fallback={fallback!r}: expected 'none' or 'full-image'")
+        if backend != "torch":
+            raise ValueError(f"backend={backend!r}: only 'torch' is built in")
+        self.backend = backend
+        self.device = device or default_device()
+        self.model = model.to(self.device).eval() if model is not None else None
+        self.class_names = list(class_names)
+        self.image_size = int(image_size)
+        self.channels = int(channels)
+        self.detector = detector or FaceDetector()
+        self.batch_size = int(batch_size or default_batch_size(self.device))
+        self.margin = float(margin)
+        self.fallback = fallback
+        self.temperature = float(temperature)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        device: str | None = None,
+        batch_size: int | None = None,
+        detector: FaceDetector | None = None,
+        image_size: int | None = None,
+        calibrated: bool = True,
+        **kwargs: Any,
+    ) -> "Predictor":
+        """A Predictor for a checkpoint file or a run directory (its best checkpoint).
+
+        The input size comes from the checkpoint (or its run's config) unless given; `calibrated` applies
+        the temperature that `fer-eval calibrate=true` stored in the checkpoint, if any.
+        """
+        loaded: LoadedCheckpoint = load_checkpoint(path, map_location="cpu")
+        size = image_size or loaded.image_size
+        if not size:
+            raise CheckpointError(
+                f"{loaded.path}: the training image size is not recorded (no run config beside it); pass image_size"
+            )
+        return cls(
+            loaded.model, loaded.class_names, size, loaded.channels, detector=detector, device=device,
+            batch_size=batch_size, temperature=loaded.temperature if calibrated else 1.0, **kwargs,
+        )
+
+    # -- the backend ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _forward(self, batch: np.ndarray) -> np.ndarray:
+        """float32 (N, C, H, W) in [0, 1] -> probabilities (N, classes). The only place the network runs."""
+        x = torch.from_numpy(batch).to(self.device)
+        logits = self.model(x).float().cpu().numpy()
+        return softmax(logits, self.temperature)
+
+    # -- preprocessing ----------------------------------------------------------------------------
+    def preprocess(self, image, box: Box) -> np.ndarray:
+        """The model's input for one face: margin around the box, gray or RGB, resized; uint8 (C, S, S)."""
+        return decode(image.crop(crop_box(box, image.size, self.margin)), self.image_size, self.channels)
+
+    def probabilities(self, crops: np.ndarray) -> np.ndarray:
+        """uint8 (N, C, S, S) crops -> probabilities (N, classes), `batch_size` crops per forward pass."""
+        if len(crops) == 0:
+            return np.zeros((0, len(self.class_names)), dtype=np.float32)
+        out = [self._forward(crops[i:i + self.batch_size].astype(np.float32) / 255.0)
+               for i in range(0, len(crops), self.batch_size)]
+        return np.concatenate(out)
+
+    # -- the public call --------------------------------------------------------------------------
+    def predict(self, images: ImageInput | Iterable[ImageInput], errors: str = "raise"):
+        """One ImageResult per image (a single input gives a single result, a list a list).
+
+        errors="raise": an unreadable image raises ImageError naming it; "record": its result carries
+        `error` (one line) and the other images are still processed.
+        """
+        if errors not in ("raise", "record"):
+            raise ValueError(f"errors={errors!r}: expected 'raise' or 'record'")
+        single = isinstance(images, (str, os.PathLike, np.ndarray)) or hasattr(images, "getpixel")
+        items = [images] if single else list(images)
+        results: list[ImageResult] = []
+        crops: list[np.ndarray] = []
+        owners: list[tuple[ImageResult, Box, bool]] = []
+        for i, item in enumerate(items):
+            name = str(item) if isinstance(item, (str, os.PathLike)) else f"image[{i}]"
+            result = ImageResult(source=name)
+            results.append(result)
+            try:
+                image = load_image(item, name)
+                result.width, result.height = image.size
+                boxes = self.detector(image)
+                detected = True
+                if not boxes and self.fallback == "full-image":
+                    boxes, detected = [(0, 0, image.width, image.height)], False
+                for box in boxes:
+                    crops.append(self.preprocess(image, box))
+                    owners.append((result, tuple(int(v) for v in box), detected))
+            except (ImageError, DataError) as exc:
+                if errors == "raise":
+                    raise
+                result.error = str(exc)
+        # All faces of all images go through the network together, in as few passes as the batch size allows.
+        probs = self.probabilities(np.stack(crops) if crops else np.zeros((0,)))
+        for (result, box, detected), p in zip(owners, probs):
+            k = int(p.argmax())
+            result.faces.append(Face(
+                box=box,
+                probabilities={name: float(v) for name, v in zip(self.class_names, p)},
+                label=self.class_names[k],
+                score=float(p[k]),
+                detected=detected,
+            ))
+        return results[0] if single else results

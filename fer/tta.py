@@ -1,0 +1,49 @@
+"""Test-time augmentation: the views of a batch whose softmax probabilities are averaged."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+MODES = ("none", "flip", "tencrop")
+NUM_VIEWS = {"none": 1, "flip": 2, "tencrop": 10}
+CROP_SCALE = 0.875  # torchvision's ten-crop at the usual 224/256 ratio
+
+
+def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def views(images: Tensor, mode: str) -> list[Tensor]:
+    """Float (B, C, H, W) -> the list of views to classify; each view has the input's shape.
+
+    flip: the batch and its mirror image. tencrop: four corners and the centre at 0.875 of the side,
+    and their mirror images, each resized back to (H, W) so the model sees its trained input size.
+    """
+    if mode == "none":
+        return [images]
+    if mode == "flip":
+        return [images, images.flip(-1)]
+    if mode == "tencrop":
+        h, w = images.shape[-2:]
+        ch, cw = max(1, round(h * CROP_SCALE)), max(1, round(w * CROP_SCALE))
+        top, left = (h - ch) // 2, (w - cw) // 2
+        corners = [(0, 0), (0, w - cw), (h - ch, 0), (h - ch, w - cw), (top, left)]
+        crops = [_resize(images[..., y:y + ch, x:x + cw], (h, w)) for y, x in corners]
+        return crops + [c.flip(-1) for c in crops]
+    raise ValueError(f"tta={mode!r}: expected one of {', '.join(MODES)}")
+
+
+@torch.inference_mode()
+def tta_logits(model: torch.nn.Module, images: Tensor, mode: str) -> Tensor:
+    """Logits of every view: (B, V, classes). Kept per view so a temperature can be applied before averaging."""
+    batch = views(images, mode)
+    # One forward pass over all views: cheaper than one per view on both CPU and GPU.
+    logits = model(torch.cat(batch).contiguous())
+    return logits.view(len(batch), images.shape[0], -1).transpose(0, 1)
+
+
+def average_probabilities(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """(B, V, K) logits -> (B, K): the mean over views of softmax(logits / T)."""
+    return torch.softmax(logits.float() / temperature, dim=-1).mean(dim=1)

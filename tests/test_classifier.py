@@ -1,0 +1,104 @@
+"""The LightningModule's options: schedules, optimisers, class weights, backbone freezing."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import compose_train
+from fer.callbacks import BackboneFreeze
+from fer.models.classifier import FERClassifier, scheduled_lr_factor
+from fer.train import train
+
+
+def small_model(**kwargs) -> FERClassifier:
+    return FERClassifier(backbone={"weights": "none"}, **kwargs)
+
+
+def test_forward_normalises_unit_range_images_to_seven_logits():
+    model = small_model().eval()
+    with torch.no_grad():
+        assert model(torch.rand(2, 1, 48, 48)).shape == (2, 7)
+    assert model.hparams["mean"] == [0.5] and model.hparams["std"] == [0.5]
+
+
+def test_cosine_schedule_warms_up_then_decays_to_the_floor():
+    factors = [scheduled_lr_factor(s, total=100, warmup=10, min_ratio=0.01) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert factors[-1] == pytest.approx(0.01, abs=1e-3)
+
+
+def test_no_weight_decay_on_biases_and_norms():
+    model = small_model(optimizer=partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.05),
+                        scheduler={"name": "none"})
+    optimizer = model.configure_optimizers()["optimizer"]
+    decayed, plain = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.05 and plain["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim <= 1 for p in plain["params"])
+
+
+def test_freeze_trains_only_the_head_until_the_epoch_given():
+    model = small_model()
+    freeze = BackboneFreeze(epochs=1)
+    freeze.freeze_before_training(model)
+    head = set(map(id, model.net.get_classifier().parameters()))
+    for p in model.net.parameters():
+        assert p.requires_grad == (id(p) in head)
+    freeze.finetune_function(model, epoch=1, optimizer=None)
+    assert all(p.requires_grad for p in model.net.parameters())
+
+
+def test_short_fit_with_sgd_onecycle_class_weights_and_frozen_backbone(tmp_path):
+    cfg = compose_train(tmp_path, [
+        "optim=sgd", "optim.scheduler.name=onecycle", "optim.class_weights=inverse_freq",
+        "optim.freeze_backbone_epochs=5", "trainer.max_epochs=1", "data.source.num_train=140",
+        "data.source.num_val=70", "data.image_size=32",
+    ])
+    summary = train(cfg)
+    assert summary["epochs_completed"] == 1
+    state = torch.load(summary["last_model_path"], map_location="cpu", weights_only=True)["state_dict"]
+    pretrained = FERClassifier().state_dict()  # the same offline Lite0 weights, untrained
+    assert torch.equal(state["net.conv_stem.weight"], pretrained["net.conv_stem.weight"])  # frozen
+    assert not torch.equal(state["net.classifier.weight"], pretrained["net.classifier.weight"])
+    assert torch.allclose(state["loss_weights"], torch.ones(7), atol=0.2)  # balanced classes: near 1
+
+
+def test_inverse_frequency_weights_favour_rare_classes():
+    model = small_model(class_weights="inverse_freq")
+
+    class DM:
+        @staticmethod
+        def class_counts():
+            return np.array([400, 40, 400, 800, 400, 300, 400])
+
+    class T:
+        datamodule = DM()
+
+    model._trainer = T()
+    model.setup("fit")
+    weights = model.loss_weights
+    assert weights[1] > 5 * weights[3] and weights.mean() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("mixup", "cutmix"), [(0.4, 0.0), (0.0, 1.0), (0.4, 1.0)])
+def test_mixing_blends_images_and_reports_the_weight(mixup, cutmix):
+    torch.manual_seed(0)
+    model = small_model(mixup_alpha=mixup, cutmix_alpha=cutmix)
+    images = torch.rand(8, 1, 32, 32)
+    mixed, order, lam = model._mix(images)
+    assert order is not None and 0.0 <= lam <= 1.0 and mixed.shape == images.shape
+    if cutmix and not mixup:  # pasted pixels come from the partner image, the rest stay
+        pasted = ~torch.isclose(mixed, images)
+        paired = order != torch.arange(8)  # a sample paired with itself looks unchanged
+        assert pasted[paired].float().mean().item() == pytest.approx(1 - lam, abs=0.02)
+        assert torch.equal(mixed[pasted], images[order][pasted])
+
+
+def test_no_mixing_by_default():
+    images = torch.rand(4, 1, 16, 16)
+    mixed, order, lam = small_model()._mix(images)
+    assert mixed is images and order is None and lam == 1.0

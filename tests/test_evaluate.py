@@ -1,0 +1,101 @@
+"""fer-eval: metrics, TTA, calibration, folder trees with unknown classes, the Hydra command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import compose_eval
+from fer.checkpoint import CALIBRATION_KEY, best_checkpoint
+from fer.data.synthetic import draw_face
+from fer.evaluate import evaluate
+from fer.labels import CLASSES
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("tta", ["none", "flip", "tencrop"])
+def test_every_tta_mode(trained_run, tmp_path, tta):
+    report = evaluate(compose_eval(tmp_path, [f"ckpt_path={trained_run}", f"tta={tta}"]))
+    out = tmp_path / "eval"
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["metrics"]["accuracy"] == pytest.approx(report["metrics"]["accuracy"])
+    assert (out / "confusion_matrix.png").stat().st_size > 1000
+    assert report["tta"] == tta and report["split"] == "test" and report["num_samples"] == 35
+    assert report["image_size"] == 48 and report["data"].endswith(".hydra/config.yaml")
+    metrics = report["metrics"]
+    confusion = np.array(metrics["confusion_matrix"])
+    assert confusion.sum() == 35
+    assert metrics["accuracy"] == pytest.approx(np.trace(confusion) / confusion.sum())
+    assert set(metrics["per_class"]) == set(CLASSES)
+    assert [m["support"] for m in metrics["per_class"].values()] == confusion.sum(1).tolist()
+    for name in ("precision", "recall", "f1"):
+        assert all(0 <= m[name] <= 1 for m in metrics["per_class"].values())
+    assert 0 <= metrics["f1_macro"] <= 1
+    assert 0 <= report["calibration"]["ece"] <= 1 and report["calibration"]["temperature"] == 1.0
+    assert report["left_out_classes"] == []
+
+
+def test_calibration_fits_and_is_stored(copy_run, trained_run, tmp_path):
+    run = copy_run()
+    assert best_checkpoint(run).parent == run / "checkpoints"  # the copy's own file, not the original's
+    report = evaluate(compose_eval(tmp_path, [f"ckpt_path={run}", "calibrate=true"]))
+    fitted = report["calibration"]["fitted"]
+    t = fitted["temperature"]
+    assert t > 0 and abs(t - 1.0) > 1e-3
+    assert fitted["nll_after"] <= fitted["nll_before"] + 1e-6  # what the fit minimises
+    assert "val" in fitted["fitted_on"] and not fitted["same_images_as_evaluation"]
+    assert {"ece", "ece_calibrated"} <= set(report["calibration"])
+    stored = torch.load(best_checkpoint(run), weights_only=True)[CALIBRATION_KEY]
+    assert stored["temperature"] == pytest.approx(t)
+    # A later evaluation applies the stored temperature: other probabilities, same predictions.
+    again = evaluate(compose_eval(tmp_path / "again", [f"ckpt_path={run}"]))
+    raw = evaluate(compose_eval(tmp_path / "raw", [f"ckpt_path={run}", "use_calibration=false"]))
+    assert again["calibration"]["temperature"] == pytest.approx(t)
+    assert again["calibration"]["ece_calibrated"] != pytest.approx(raw["calibration"]["ece_calibrated"])
+    assert again["metrics"]["confusion_matrix"] == raw["metrics"]["confusion_matrix"]
+    assert CALIBRATION_KEY not in torch.load(best_checkpoint(trained_run), weights_only=True)
+
+
+def _face_tree(root: Path, per_class: int = 3) -> Path:
+    """<root>/<class>/*.png of synthetic faces, plus a `contempt` folder fer has no class for."""
+    for label, name in enumerate([*CLASSES, "contempt"]):
+        folder = root / ("happiness" if name == "happy" else name)  # an alias, as datasets spell it
+        folder.mkdir(parents=True)
+        for i in range(per_class if name != "contempt" else 2):
+            Image.fromarray(draw_face(label % len(CLASSES), seed=1000 * label + i, image_size=64)).save(folder / f"{i}.png")
+    return root
+
+
+def test_folder_tree_through_the_command_line(trained_run, tmp_path):
+    tree = _face_tree(tmp_path / "faces")
+    env = {**os.environ, "COLUMNS": "120"}
+    cmd = [sys.executable, "-m", "fer.evaluate", f"ckpt_path={best_checkpoint(trained_run)}", f"data_dir={tree}",
+           "tta=flip", f"hydra.run.dir={tmp_path / 'out'}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "contempt" in proc.stdout and "accuracy" in proc.stdout
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["left_out_classes"] == ["contempt"] and report["left_out_images"] == {"contempt": 2}
+    assert report["num_samples"] == 3 * len(CLASSES) and report["split"] == "all"
+    assert report["image_size"] == 48  # the checkpoint's size, not the 64 px files'
+    assert (tmp_path / "out" / "confusion_matrix.png").is_file()
+    assert (tmp_path / "out" / ".hydra" / "config.yaml").is_file()
+
+
+def test_bad_checkpoint_and_bad_options(tmp_path, trained_run):
+    from fer.errors import CheckpointError, DataError
+
+    (tmp_path / "x.ckpt").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="x.ckpt"):
+        evaluate(compose_eval(tmp_path, [f"ckpt_path={tmp_path / 'x.ckpt'}"]))
+    with pytest.raises(DataError, match="tta"):
+        evaluate(compose_eval(tmp_path, [f"ckpt_path={trained_run}", "tta=mirror"]))
