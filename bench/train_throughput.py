@@ -206,6 +206,8 @@ ROWS = {
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.tiny and not args.threads:
+        args.threads = 1  # tests run beside others: one thread is the robust choice there
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -217,9 +219,9 @@ def main(argv=None) -> dict:
     real = C.fer2013_root(args.data) == root
     cache_dir = None if real else work / "cache"  # FER2013: the user's cache, decoded once for every run
 
-    console.print(f"[bold]training throughput[/]: {described}")
+    console.print(f"[bold]training throughput[/]: {described}", soft_wrap=True)
     console.print(f"{args.image_size} px, batch {args.batch_size}, {args.steps} timed steps after {args.warmup} "
-                  f"warm-up, {args.repeats} alternating repeats; {C.machine_line()}")
+                  f"warm-up, {args.repeats} alternating repeats; {C.machine_line()}", soft_wrap=True)
 
     base_cfg = framework_cfg(args, root, work / "cfg", cache_dir)
     channels = int(base_cfg.data.channels)

@@ -13,6 +13,7 @@ replace `_forward`.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Sequence
@@ -86,11 +87,12 @@ class Predictor:
         fallback: str = "none",
         temperature: float = 1.0,
         backend: str = "torch",
+        onnx_model: str | os.PathLike | None = None,
     ) -> None:
         if fallback not in ("none", "full-image"):
             raise ValueError(f"fallback={fallback!r}: expected 'none' or 'full-image'")
-        if backend != "torch":
-            raise ValueError(f"backend={backend!r}: only 'torch' is built in")
+        if backend not in ("torch", "onnx"):
+            raise ValueError(f"backend={backend!r}: expected 'torch' or 'onnx'")
         self.backend = backend
         self.device = device or default_device()
         self.model = model.to(self.device).eval() if model is not None else None
@@ -102,6 +104,7 @@ class Predictor:
         self.margin = float(margin)
         self.fallback = fallback
         self.temperature = float(temperature)
+        self._onnx = self._open_onnx(onnx_model) if backend == "onnx" else None
 
     @classmethod
     def from_checkpoint(
@@ -134,9 +137,35 @@ class Predictor:
     @torch.inference_mode()
     def _forward(self, batch: np.ndarray) -> np.ndarray:
         """float32 (N, C, H, W) in [0, 1] -> probabilities (N, classes). The only place the network runs."""
+        if self._onnx is not None:  # the exported model has normalisation, temperature and softmax inside
+            return self._onnx.run(["probabilities"], {"faces": np.ascontiguousarray(batch, dtype=np.float32)})[0]
         x = torch.from_numpy(batch).to(self.device)
         logits = self.model(x).float().cpu().numpy()
         return softmax(logits, self.temperature)
+
+    def _open_onnx(self, path: str | os.PathLike | None):
+        """An ONNX Runtime session: for `path` (a fer-export .onnx file), else for this Predictor's model,
+        exported to a temporary file and checked against PyTorch (fer.export), then run from memory."""
+        from fer.export import export_model, onnx_session, read_metadata
+
+        if path is None:
+            if self.model is None:
+                raise ValueError("backend='onnx' needs a model or onnx_model=<file.onnx>")
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="fer-onnx-") as tmp:
+                exported = export_model(self.model, os.path.join(tmp, "model.onnx"), "onnx", self.image_size,
+                                        self.channels, self.class_names, temperature=self.temperature)
+                return onnx_session(exported["output"])
+        meta = read_metadata(path)
+        expected = {"fer.input_size": str(self.image_size), "fer.channels": str(self.channels),
+                    "fer.class_names": json.dumps(self.class_names)}
+        wrong = [f"{k.split('.', 1)[1]} {meta.get(k)} (expected {v})" for k, v in expected.items() if meta.get(k) != v]
+        if abs(float(meta.get("fer.temperature", "nan")) - self.temperature) > 1e-6:
+            wrong.append(f"temperature {meta.get('fer.temperature')} (expected {self.temperature})")
+        if wrong:
+            raise CheckpointError(f"{path}: not an export of this model: {', '.join(wrong)}; re-run fer-export")
+        return onnx_session(path)
 
     # -- preprocessing ----------------------------------------------------------------------------
     def preprocess(self, image, box: Box) -> np.ndarray:

@@ -52,6 +52,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="save annotated photos and a probability bar chart per face in DIR")
     p.add_argument("--batch-size", type=int, default=None, help="faces per forward pass (default: 32 CPU, 256 GPU)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--backend", choices=("torch", "onnx"), default="torch",
+                   help="run the network in PyTorch (default) or ONNX Runtime (exported on the fly, or --onnx-model)")
+    p.add_argument("--onnx-model", type=Path, default=None, metavar="FILE",
+                   help="with --backend onnx: a fer-export .onnx file of this checkpoint, instead of exporting it")
     p.add_argument("--quiet", "-q", action="store_true", help="no table on stdout")
     return p.parse_args(argv)
 
@@ -178,7 +182,8 @@ def run(args: argparse.Namespace) -> int:
                             cascade=HAAR_FRONTAL)
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size,
                                           detector=detector, image_size=args.image_size, margin=args.margin,
-                                          fallback=args.fallback)
+                                          fallback=args.fallback, backend=args.backend,
+                                          onnx_model=args.onnx_model)
     results: list[ImageResult] = []
     used: set[str] = set()
     for start in range(0, len(files), CHUNK):

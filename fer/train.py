@@ -139,8 +139,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             scheduler=OmegaConf.to_container(cfg.optim.scheduler, resolve=True),
             label_smoothing=cfg.optim.label_smoothing,
             class_weights=cfg.optim.class_weights,
-        mixup_alpha=cfg.optim.get("mixup_alpha", 0.0),
-        cutmix_alpha=cfg.optim.get("cutmix_alpha", 0.0),
+            mixup_alpha=cfg.optim.get("mixup_alpha", 0.0),
+            cutmix_alpha=cfg.optim.get("cutmix_alpha", 0.0),
             _convert_="all",
         )
         if cfg.get("init_from"):
@@ -205,7 +205,8 @@ def spawned_progress(trainer: L.Trainer, checkpoint: ModelCheckpoint | None) -> 
         return None
     checkpoint.last_model_path = str(last)
     saved = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
-    return int(saved["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"]), int(saved["global_step"])
+    # saved in on_train_epoch_end: the epoch is "processed" there, "completed" only right after
+    return int(saved["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"]), int(saved["global_step"])
 
 
 def objective(summary: dict[str, Any], metric: str | None) -> float | None:

@@ -139,11 +139,13 @@ TINY_CLI = [
 ]
 
 
-def fer_train_cmd(*overrides: str) -> list[str]:
-    """`python -m fer.train` with the tiny CLI config and `overrides`."""
+def fer_train_cmd(*overrides: str, drop: tuple[str, ...] = ()) -> list[str]:
+    """`python -m fer.train` with the tiny CLI config (less the keys in `drop`) and `overrides` (`-m` goes first)."""
     import sys
 
-    return [sys.executable, "-m", "fer.train", *TINY_CLI, *overrides]
+    flags = [o for o in overrides if o.startswith("-")]
+    tiny = [o for o in TINY_CLI if o.split("=", 1)[0] not in drop]
+    return [sys.executable, "-m", "fer.train", *flags, *tiny, *(o for o in overrides if not o.startswith("-"))]
 
 
 def cli_env(tmp_path: Path) -> dict[str, str]:

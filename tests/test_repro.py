@@ -12,7 +12,7 @@ from conftest import compose_train
 from fer import provenance
 from fer.train import train
 
-FAST = ["data.source.num_train=280", "data.image_size=32", "data.source.image_size=32", "trainer.max_epochs=1",
+FAST = ["data.source.num_train=280", "data.source.num_val=64", "data.image_size=32", "data.source.image_size=32", "trainer.max_epochs=1",
         "trainer.limit_train_batches=3", "trainer.deterministic=true", "seed=0",
         "callbacks.sample_grid=null", "callbacks.confusion_matrix=null"]
 

@@ -32,7 +32,7 @@ def test_grid_sweep_keeps_going_past_failed_jobs_and_summarises(tmp_path, capsys
     summary = json.loads((sweep / "sweep_summary.json").read_text())
     rows = {tuple(sorted(o for o in r["varied"])): r for r in summary["jobs"]}
     assert len(rows) == 4
-    for lr in ("1e-3", "3e-4"):
+    for lr in ("0.001", "0.0003"):  # Hydra records sweep values as parsed
         ok = rows[("data.on_bad=error", f"optim.optimizer.lr={lr}")]
         assert ok["status"] == "completed" and 0.0 <= ok["best_val_acc"] <= 1.0 and ok["epochs"] == 1
         assert ok["f1_macro"] is not None
@@ -74,7 +74,8 @@ def test_optuna_study_of_three_trials_is_kept_in_sqlite(tmp_path):
     db = tmp_path / "logs" / "optuna" / "fer.db"  # the default location under paths.log_dir (FER_ROOT/logs)
     result = subprocess.run(
         fer_train_cmd("hparams_search=optuna", "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={tmp_path / 'opt'}",
-                      "trainer.max_epochs=1", "trainer.limit_train_batches=2", "seed=0"),
+                      "trainer.max_epochs=1", "trainer.limit_train_batches=2", "seed=0",
+                      drop=("data.batch_size",)),  # fixed on the command line, Optuna would not search it
         capture_output=True, text=True, cwd=REPO, env=cli_env(tmp_path), timeout=500,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -204,7 +204,8 @@ class FERClassifier(L.LightningModule):
             return {"optimizer": optimizer}
         total = int(self.trainer.estimated_stepping_batches)
         per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
-        warmup = int(self.scheduler_cfg["warmup_epochs"] * per_epoch)
+        # Capped at a fifth of the run, so a short run (one epoch) still reaches its decay phase.
+        warmup = min(int(self.scheduler_cfg["warmup_epochs"] * per_epoch), total // 5)
         if name == "cosine":
             factor = partial(
                 scheduled_lr_factor, total=total, warmup=warmup, min_ratio=self.scheduler_cfg["min_lr_ratio"]

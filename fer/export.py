@@ -1,0 +1,360 @@
+"""fer-export: a trained checkpoint as a self-contained ONNX or TorchScript model.
+
+    fer-export --checkpoint logs/train/runs/<run> --format onnx --output fer.onnx
+    fer-export --checkpoint best.ckpt --format torchscript --output fer.pt
+
+The exported model takes a batch of face crops, float32 NCHW in [0, 1] at the trained size and channel
+count (any batch size), and returns class probabilities: the normalisation (mean/std) and the softmax are
+inside, and so is the calibration temperature when `fer-eval calibrate=true` stored one in the checkpoint.
+Preprocessing is recorded in the file (ONNX metadata_props; TorchScript `_extra_files["fer.json"]`).
+
+Every export is checked before the file is written: the exported model and PyTorch must agree on real
+faces (the checkpoint run's validation images; synthetic faces when that data is gone) within
+`--tolerance` (1e-4) on every probability, at batch sizes 1 and 32. A larger difference is an error and no
+file is left behind.
+
+ONNX uses torch's TorchScript-based exporter (`dynamo=False`): it needs only `onnx`, works offline, and
+gives a graph with a dynamic batch axis that ONNX Runtime runs as is. The torch.export-based exporter
+(torch's default since 2.9) needs the extra `onnxscript` package; it is used only if the other is gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from fer.errors import FERError
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "torchscript")
+TOLERANCE = 1e-4
+OPSET = 17
+INPUT_NAME, OUTPUT_NAME = "faces", "probabilities"
+METADATA_FILE = "fer.json"  # the TorchScript extra file holding the metadata
+
+
+class ExportError(FERError):
+    """An export that could not be made or did not match PyTorch."""
+
+
+class ProbabilityModel(nn.Module):
+    """Float32 NCHW faces in [0, 1] -> probabilities: normalise, the network, logits / T, softmax."""
+
+    def __init__(self, net: nn.Module, mean: Tensor, std: Tensor, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", mean.detach().clone().float().view(1, -1, 1, 1))
+        self.register_buffer("std", std.detach().clone().float().view(1, -1, 1, 1))
+        self.temperature = float(temperature)
+
+    def forward(self, faces: Tensor) -> Tensor:
+        logits = self.net((faces - self.mean) / self.std)
+        return torch.softmax(logits / self.temperature, dim=1)
+
+
+def probability_model(model: nn.Module, temperature: float = 1.0) -> ProbabilityModel:
+    """A FERClassifier's network and normalisation as a standalone module (a copy, in eval mode, fp32)."""
+    net = getattr(model.net, "_orig_mod", model.net)  # the network inside a torch.compile wrapper
+    net = copy.deepcopy(net).float().cpu().eval()
+    net.to(memory_format=torch.contiguous_format)  # exporters record plain NCHW
+    return ProbabilityModel(net, model.mean.cpu(), model.std.cpu(), temperature).eval()
+
+
+def metadata(model: nn.Module, image_size: int, channels: int, temperature: float,
+             class_names: Sequence[str], checkpoint: str | None = None) -> dict[str, str]:
+    """What a user of the file needs to feed it: every value a string (ONNX metadata_props are strings)."""
+    import fer
+
+    hp = getattr(model, "hparams", {}) or {}
+    mean = [round(float(v), 6) for v in model.mean.flatten()]
+    std = [round(float(v), 6) for v in model.std.flatten()]
+    return {
+        "fer.version": fer.__version__,
+        "fer.input": f"{INPUT_NAME}: float32 [batch, {channels}, {image_size}, {image_size}] (NCHW), pixel values "
+                     f"in [0, 1] ({'grayscale' if channels == 1 else 'RGB'}); any batch size",
+        "fer.input_size": str(int(image_size)),
+        "fer.channels": str(int(channels)),
+        "fer.input_range": "[0, 1]",
+        "fer.normalization": json.dumps({"mean": mean, "std": std, "applied": "inside the model"}),
+        "fer.output": f"{OUTPUT_NAME}: float32 [batch, {len(class_names)}], softmax(logits / temperature), "
+                      f"in the order of fer.class_names",
+        "fer.class_names": json.dumps(list(class_names)),
+        "fer.temperature": repr(float(temperature)),
+        "fer.backbone": str((hp.get("backbone") or {}).get("name", "")),
+        "fer.face_crop": "a detected face box widened by 20% on every side, resized (bilinear) to the input size",
+        "fer.checkpoint": Path(checkpoint).name if checkpoint else "",
+    }
+
+
+# -- inputs to verify on ------------------------------------------------------------------------------
+def synthetic_faces(n: int, image_size: int, channels: int, seed: int = 0) -> np.ndarray:
+    """float32 (n, channels, S, S) in [0, 1]: fer's synthetic faces, every class."""
+    from fer.data.synthetic import draw_face
+
+    faces = np.stack([draw_face(i % 7, seed * 100_003 + i, image_size) for i in range(n)]).astype(np.float32) / 255
+    return np.repeat(faces[:, None], channels, axis=1)
+
+
+def validation_faces(run_config: Any, n: int, image_size: int, channels: int) -> np.ndarray | None:
+    """Up to `n` faces of the checkpoint run's validation data (test/train when it has none), or None."""
+    if run_config is None or "data" not in run_config or "source" not in run_config.data:
+        return None
+    try:
+        from hydra.utils import instantiate
+
+        from fer.data.cache import decode
+
+        source = instantiate(run_config.data.source, _convert_="all")
+        roles = source.roles()
+        samples = source.samples(roles.val or roles.test or roles.train)
+        picked = samples[:: max(1, len(samples) // n)][:n]  # spread over the split (folders list class by class)
+        faces = np.stack([decode(source.load(s), image_size, channels) for s in picked])
+        return faces.astype(np.float32) / 255
+    except Exception as exc:  # noqa: BLE001 - data moved, deleted or unreadable: synthetic faces instead
+        log.info("validation data of the run not readable (%s); verifying on synthetic faces", exc)
+        return None
+
+
+def verification_faces(run_config: Any, image_size: int, channels: int, n: int = 32) -> tuple[np.ndarray, str]:
+    faces = validation_faces(run_config, n, image_size, channels)
+    if faces is not None and len(faces):
+        return faces, f"{len(faces)} faces of the run's validation data"
+    return synthetic_faces(n, image_size, channels), f"{n} synthetic faces"
+
+
+# -- the two formats ----------------------------------------------------------------------------------
+def _export_onnx(module: ProbabilityModel, example: Tensor, path: Path, opset: int) -> None:
+    kwargs = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notices
+        try:
+            torch.onnx.export(module, (example,), str(path), dynamo=False, do_constant_folding=True,
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, **kwargs)
+        except TypeError:  # a torch without the TorchScript-based exporter
+            try:
+                import onnxscript  # noqa: F401
+            except ImportError as exc:
+                raise ExportError("this torch only has the torch.export-based ONNX exporter, which needs "
+                                  "`pip install onnxscript`") from exc
+            batch = torch.export.Dim("batch", min=1)
+            torch.onnx.export(module, (example,), str(path), dynamo=True, external_data=False,
+                              dynamic_shapes=({0: batch},), **kwargs)
+
+
+def _add_onnx_metadata(path: Path, meta: dict[str, str]) -> None:
+    import onnx
+
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.doc_string = "fer facial expression classifier: " + meta["fer.input"] + " -> " + meta["fer.output"]
+    proto.producer_name = "fer-export"
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+
+
+def onnx_session(path: str | os.PathLike, threads: int | None = None, providers: Sequence[str] | None = None):
+    """An ONNX Runtime session for an exported model (CPU unless `providers` says otherwise)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ExportError("ONNX Runtime is not installed: pip install 'fer-lightning[export]'") from exc
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    return ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The fer metadata of an exported file (.onnx, or TorchScript with fer.json)."""
+    path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        import onnx
+
+        proto = onnx.load(str(path), load_external_data=False)
+        return {p.key: p.value for p in proto.metadata_props}
+    extra = {METADATA_FILE: ""}
+    torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    return json.loads(extra[METADATA_FILE])
+
+
+def _runner(fmt: str, path: Path):
+    """A callable float32 array -> probabilities array, running the exported file."""
+    if fmt == "onnx":
+        session = onnx_session(path)
+        return lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+    loaded = torch.jit.load(str(path), map_location="cpu").eval()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        # Unoptimised execution runs the same CPU kernels (TorchScript does not fuse on the CPU) without
+        # the profiling executor's seconds of re-optimisation for every new batch size.
+        with torch.inference_mode(), torch.jit.optimized_execution(False):
+            return loaded(torch.from_numpy(x)).numpy()
+
+    return run
+
+
+def pytorch_probabilities(model: nn.Module, faces: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """The reference: the FERClassifier itself (eval mode), softmax(logits / T)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            logits = model(torch.from_numpy(faces).to(model.mean.device)).float().cpu()
+        return torch.softmax(logits / temperature, dim=1).numpy()
+    finally:
+        model.train(was_training)
+
+
+def verify(fmt: str, path: Path, reference: np.ndarray, faces: np.ndarray, tolerance: float) -> float:
+    """Largest |p_exported - p_pytorch| over `faces`, run at full batch and at batch 1; ExportError above tolerance."""
+    run = _runner(fmt, path)
+    full = run(faces)
+    singles = np.concatenate([run(faces[i:i + 1]) for i in range(min(4, len(faces)))])
+    if full.shape != reference.shape:
+        raise ExportError(f"{path}: the exported model returned shape {full.shape}, PyTorch {reference.shape}")
+    diff = max(float(np.abs(full - reference).max()), float(np.abs(singles - reference[: len(singles)]).max()))
+    if not np.isfinite(diff) or diff > tolerance:
+        raise ExportError(
+            f"{path.name}: the {fmt} export differs from PyTorch by {diff:.3g} in probability "
+            f"(tolerance {tolerance:g}); file not written"
+        )
+    return diff
+
+
+def export_model(
+    model: nn.Module,
+    output: str | os.PathLike,
+    fmt: str,
+    image_size: int,
+    channels: int,
+    class_names: Sequence[str],
+    temperature: float = 1.0,
+    faces: np.ndarray | None = None,
+    tolerance: float = TOLERANCE,
+    opset: int = OPSET,
+    checkpoint: str | None = None,
+) -> dict[str, Any]:
+    """Export a FERClassifier (its weights as they are) and verify it; returns what was written and checked.
+
+    The file appears at `output` only once it has matched PyTorch on `faces` (synthetic faces if None).
+    """
+    if fmt not in FORMATS:
+        raise ExportError(f"format={fmt!r}: expected one of {', '.join(FORMATS)}")
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    module = probability_model(model, temperature)
+    meta = metadata(model, image_size, channels, temperature, class_names, checkpoint)
+    described = "given faces"
+    if faces is None:
+        faces, described = synthetic_faces(32, image_size, channels), "32 synthetic faces"
+    faces = np.ascontiguousarray(faces, dtype=np.float32)
+    if faces.shape[1:] != (channels, image_size, image_size):
+        raise ExportError(f"verification faces have shape {faces.shape[1:]}, the model takes "
+                          f"{(channels, image_size, image_size)}")
+    example = torch.from_numpy(faces[:2])
+    tmp = output.with_name(f".{output.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        if fmt == "onnx":
+            _export_onnx(module, example, tmp, opset)
+            _add_onnx_metadata(tmp, meta)
+        else:
+            with torch.inference_mode(False), torch.no_grad():
+                traced = torch.jit.trace(module, example, check_trace=False)
+            traced = torch.jit.freeze(traced.eval())  # weights become constants: folding, no Python attributes
+            torch.jit.save(traced, str(tmp), _extra_files={METADATA_FILE: json.dumps(meta, indent=1)})
+        diff = verify(fmt, tmp, pytorch_probabilities(model, faces, temperature), faces, tolerance)
+        os.replace(tmp, output)
+    except ExportError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - exporter failures: one line naming the format
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ExportError(f"{fmt} export of {checkpoint or 'the model'} failed: {text[:300]}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"output": str(output), "format": fmt, "max_abs_diff": diff, "verified_on": described,
+            "bytes": output.stat().st_size, "metadata": meta}
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, fmt: str,
+                      image_size: int | None = None, calibrated: bool = True,
+                      tolerance: float = TOLERANCE, opset: int = OPSET) -> dict[str, Any]:
+    """Export the model of a checkpoint file or run directory, verified on its run's validation faces."""
+    from fer.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(checkpoint, map_location="cpu")
+    size = image_size or loaded.image_size
+    if not size:
+        raise ExportError(f"{loaded.path}: the training image size is not recorded; pass --image-size")
+    temperature = loaded.temperature if calibrated else 1.0
+    faces, described = verification_faces(loaded.run_config, size, loaded.channels)
+    result = export_model(loaded.model, output, fmt, size, loaded.channels, loaded.model.class_names,
+                          temperature=temperature, faces=faces, tolerance=tolerance, opset=opset,
+                          checkpoint=str(loaded.path))
+    result["verified_on"] = described
+    result["checkpoint"] = str(loaded.path)
+    return result
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="fer-export", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", "-c", required=True, help="a .ckpt file or a training run directory (its best)")
+    p.add_argument("--format", "-f", choices=FORMATS, default=None,
+                   help="onnx or torchscript (default: from the output's extension, .onnx or .pt)")
+    p.add_argument("--output", "-o", required=True, type=Path, help="the file to write")
+    p.add_argument("--image-size", type=int, default=None, help="input size (default: the trained size)")
+    p.add_argument("--no-calibration", action="store_true", help="ignore a stored calibration temperature")
+    p.add_argument("--tolerance", type=float, default=TOLERANCE,
+                   help=f"largest allowed probability difference from PyTorch (default {TOLERANCE:g})")
+    p.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
+    args = p.parse_args(argv)
+    if args.format is None:
+        suffix = args.output.suffix.lower()
+        if suffix == ".onnx":
+            args.format = "onnx"
+        elif suffix in (".pt", ".pth", ".ts", ".torchscript"):
+            args.format = "torchscript"
+        else:
+            p.error(f"--format is needed: cannot tell it from {args.output.name!r} (use .onnx or .pt)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fer.utils import err_console, one_line_errors
+
+    args = parse_args(argv)
+
+    @one_line_errors
+    def run() -> dict[str, Any]:
+        return export_checkpoint(args.checkpoint, args.output, args.format, image_size=args.image_size,
+                                 calibrated=not args.no_calibration, tolerance=args.tolerance, opset=args.opset)
+
+    result = run()
+    meta = result["metadata"]
+    err_console.print(
+        f"[green]wrote[/] {result['output']} ({result['format']}, {result['bytes'] / 1e6:.1f} MB): "
+        f"{meta['fer.input']}; temperature {meta['fer.temperature']}; matches PyTorch within "
+        f"{result['max_abs_diff']:.1e} on {result['verified_on']}",
+        highlight=False, soft_wrap=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
