@@ -11,7 +11,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -62,7 +61,7 @@ def bench_data(explicit: str | None, tiny: bool, workdir: Path) -> tuple[Path, s
             return root, f"FER2013 at {root} ({n:,} training images)"
         if explicit:
             raise SystemExit(f"--data {explicit}: no train/<class>/ folders there")
-    per_train, per_test = (12, 4) if tiny else (300, 60)
+    per_train, per_test = (12, 4) if tiny else (400, 60)
     root = synthetic_folder(workdir / "synthetic_faces", per_train, per_test)
     return root, f"synthetic faces, FER2013 layout, {7 * per_train:,} training images ({root})"
 
@@ -140,6 +139,3 @@ def workdir(keep: str | None = None) -> Path:
         return path
     return Path(tempfile.mkdtemp(prefix="fer-bench-"))
 
-
-def now() -> float:
-    return time.perf_counter()

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import _common as C  # noqa: E402  (sets sys.path to the repository)
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
@@ -69,9 +68,12 @@ def fer_model(args):
         loaded = load_checkpoint(args.checkpoint)
         return (loaded.model, loaded.image_size or args.image_size, loaded.channels, loaded.model.class_names,
                 loaded.temperature, f"checkpoint {loaded.path.name}")
+    import tempfile
+
     from hydra.utils import instantiate
 
-    cfg = C.compose([], C.workdir() / "cfg")
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = C.compose([], Path(tmp))
     model = instantiate(cfg.model, _convert_="all").eval()
     name = cfg.model.backbone.name
     return (model, args.image_size, int(cfg.model.backbone.in_chans), model.class_names, 1.0,
@@ -137,11 +139,11 @@ def main(argv=None) -> dict:
     results = C.Repeats()
     for _ in range(args.repeats):
         for key, p in (("torch", ours), ("onnx", ours_onnx)):
-            results.add(f"lat_{key}", statistics.median(time_calls(lambda: p._forward(one), args.latency_calls)))
-            batch_time = min(time_calls(lambda: p._forward(faces), args.batch_calls))
+            results.add(f"lat_{key}", statistics.median(time_calls(lambda p=p: p._forward(one), args.latency_calls)))
+            batch_time = min(time_calls(lambda p=p: p._forward(faces), args.batch_calls))
             results.add(f"thr_{key}", len(faces) / batch_time)
         for key, p in (("photo_torch", ours), ("photo_onnx", ours_onnx), ("photo_hse", hse)):
-            results.add(key, statistics.median(time_calls(lambda: p.predict(photo), args.photo_calls)))
+            results.add(key, statistics.median(time_calls(lambda p=p: p.predict(photo), args.photo_calls)))
         results.add("detect", statistics.median(time_calls(lambda: detector(image), args.photo_calls)))
 
     from rich.table import Table

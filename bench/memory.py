@@ -6,7 +6,7 @@
 
 1. `python -m fer.train experiment=fer2013` in a child process: its peak resident set (VmHWM, the kernel's
    own high-water mark), and the largest anonymous and file-backed parts seen while it ran.
-2. A 300,000 x 1 x 64 x 64 uint8 cache written straight in the cache's format (1.2 GB on disk, faces tiled
+2. A 300,000 x 1 x 64 x 64 uint8 cache written straight in the cache's format (1.14 GiB on disk, faces tiled
    from fer's synthetic ones) and evicted from the page cache; then, in fresh processes, (a) one full pass of
    the training loader over it (gather + augmentation, every image read once) and (b) a few steps of
    `fer.train.train` on it.
@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 
 from fer.data.base import Sample, Source, SplitRoles  # noqa: E402
 
-GB = 1024**3
+GiB = 1024**3
 
 
 class BigSource(Source):
@@ -275,17 +275,18 @@ def main(argv=None) -> dict:
         images = folders["train"] / "images.npy"
         on_disk = images.stat().st_size
         console.print(f"wrote a {args.count:,} x 1 x {args.image_size} x {args.image_size} uint8 cache: "
-                      f"{on_disk / GB:.2f} GB on disk in {time.perf_counter() - started:.1f} s")
+                      f"{on_disk / GiB:.2f} GiB on disk in {time.perf_counter() - started:.1f} s")
         common = ["--cache-dir", str(cache_dir), "--count", str(args.count), "--val-count", str(args.val_count),
                   "--image-size", str(args.image_size), "--batch-size", str(args.batch_size)]
         evict(images)
-        loader = run_measured([*me, "--child", "loader", *common], child_env(None, args.threads), log=work / "loader.log")
+        loader = run_measured([*me, "--child", "loader", *common], child_env(None, args.threads),
+                              log=work / "loader.log")
         reported = json.loads((work / "loader.log").read_text().strip().splitlines()[-1])
         loader["cache"] = max(loader["cache"], reported["cache"])  # at the very end of the pass
         rows.append((f"{args.count:,}-image cache: one loader pass", loader))
         evict(images)
-        steps = run_measured([*me, "--child", "train", *common, "--steps", str(args.steps), "--out", str(work / "big-run")],
-                             child_env(None, args.threads), log=work / "big-train.log")
+        train_cmd = [*me, "--child", "train", *common, "--steps", str(args.steps), "--out", str(work / "big-run")]
+        steps = run_measured(train_cmd, child_env(None, args.threads), log=work / "big-train.log")
         rows.append((f"{args.count:,}-image cache: {args.steps} train steps", steps))
     finally:
         if not keep:
@@ -293,21 +294,23 @@ def main(argv=None) -> dict:
 
     from rich.table import Table
 
-    table = Table(title="peak memory, GB (RSS = anonymous + file-backed: shared libraries and mapped cache pages)")
+    table = Table(title="peak memory, GiB (RSS = anonymous + file-backed: shared libraries and mapped cache pages)")
     for col in ("run", "peak RSS", "anonymous", "file-backed", "of which cache pages", "wall s"):
         table.add_column(col, justify="left" if col == "run" else "right")
     for name, m in rows:
-        table.add_row(name, f"{m['VmHWM'] / GB:.2f}", f"{m['RssAnon'] / GB:.2f}", f"{m['RssFile'] / GB:.2f}",
-                      f"{m['cache'] / GB:.3f}", f"{m['wall_s']:.0f}")
+        table.add_row(name, f"{m['VmHWM'] / GiB:.2f}", f"{m['RssAnon'] / GiB:.2f}", f"{m['RssFile'] / GiB:.2f}",
+                      f"{m['cache'] / GiB:.3f}", f"{m['wall_s']:.0f}")
     console.print(table)
     fer_name, fer_run = rows[0] if not args.tiny else rows[-1]
     fer_peak = fer_run["VmHWM"]
-    console.print(f"training peak RSS = {fer_peak / GB:.2f} GB ({fer_name}; target <= 3 GB: "
-                  f"{C.verdict(fer_peak, 3 * GB, higher=False)})", soft_wrap=True)
-    console.print(f"big cache: {on_disk / GB:.2f} GB on disk; one full pass: peak RSS {loader['VmHWM'] / GB:.2f} GB "
-                  f"(anonymous {loader['RssAnon'] / GB:.2f} GB, cache pages {loader['cache'] / GB:.2f} GB); "
-                  f"{args.steps} training steps: peak RSS {steps['VmHWM'] / GB:.2f} GB (anonymous "
-                  f"{steps['RssAnon'] / GB:.2f} GB, cache pages {steps['cache'] / GB:.3f} GB)", soft_wrap=True)
+    console.print(f"training peak RSS = {fer_peak / GiB:.2f} GiB = {fer_peak / 1e9:.2f} GB ({fer_name}; "
+                  f"target <= 3 GB: "
+                  f"{C.verdict(fer_peak, 3e9, higher=False)})", soft_wrap=True)
+    console.print(f"big cache: {on_disk / GiB:.2f} GiB on disk; one full pass: peak RSS "
+                  f"{loader['VmHWM'] / GiB:.2f} GiB "
+                  f"(anonymous {loader['RssAnon'] / GiB:.2f} GiB, cache pages {loader['cache'] / GiB:.2f} GiB); "
+                  f"{args.steps} training steps: peak RSS {steps['VmHWM'] / GiB:.2f} GiB (anonymous "
+                  f"{steps['RssAnon'] / GiB:.2f} GiB, cache pages {steps['cache'] / GiB:.3f} GiB)", soft_wrap=True)
     figures = {"cache_bytes": on_disk, "runs": {name: m for name, m in rows}}
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")

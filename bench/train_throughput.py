@@ -23,6 +23,7 @@ import contextlib
 import io
 import json
 import logging
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -215,6 +216,14 @@ def main(argv=None) -> dict:
         logging.getLogger(name).setLevel(logging.ERROR)
     console = C.console()
     work = C.workdir(args.workdir)
+    try:
+        return measure(args, console, work)
+    finally:
+        if not args.workdir:  # runs, checkpoints, synthetic images: nothing is left behind
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(args, console, work: Path) -> dict:
     root, described = C.bench_data(args.data, args.tiny, work)
     real = C.fer2013_root(args.data) == root
     cache_dir = None if real else work / "cache"  # FER2013: the user's cache, decoded once for every run
@@ -242,7 +251,7 @@ def main(argv=None) -> dict:
                       f"c {results.values['c'][-1]:.1f} images/s")
     del loader_c
     loader_e = seed_loader(root, args, channels, mean, std)
-    for rep in range(args.repeats):
+    for _ in range(args.repeats):
         results.add("d", measure_framework_data(dm, args))
         results.add("e", measure_seed_data(loader_e, args))
     del loader_e

@@ -24,6 +24,17 @@ from fer.export import (  # noqa: E402
 )
 from fer.labels import CLASSES  # noqa: E402
 
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch: "torch.jit.* is deprecated"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Exports are small: one intra-op thread keeps them fast when other tests share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 @pytest.fixture(scope="module")
 def loaded(trained_run):
@@ -128,6 +139,7 @@ def test_fer_predict_backend_onnx(trained_run, astronaut_jpeg, tmp_path):
     from fer.predict import main as predict_main
 
     out = tmp_path / "onnx.json"
-    assert predict_main([str(astronaut_jpeg), "-c", str(trained_run), "--backend", "onnx", "--json", str(out), "-q"]) == 0
+    argv = [str(astronaut_jpeg), "-c", str(trained_run), "--backend", "onnx", "--json", str(out), "-q"]
+    assert predict_main(argv) == 0
     faces = json.loads(out.read_text())["images"][0]["faces"]
     assert len(faces) == 1 and set(faces[0]["probabilities"]) == set(CLASSES)

@@ -53,6 +53,14 @@ class ArrayDataset(Dataset):
         return np.bincount(self.labels[self.indices], minlength=NUM_CLASSES)
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: SLURM, taskset, containers), not all of the host's."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def keep_batch(batch: Any) -> Any:
     """collate_fn for `__getitems__` datasets: the batch is already stacked."""
     return batch
@@ -195,7 +203,7 @@ class FERDataModule(L.LightningDataModule):
             return int(self.num_workers)
         # On the CPU the gather is cheaper than handing batches between processes; on a GPU,
         # workers keep the next batches ready while the device computes.
-        return min(4, os.cpu_count() or 1) if self._on_accelerator() else 0
+        return min(4, usable_cpus()) if self._on_accelerator() else 0
 
     def _loader(self, dataset: ArrayDataset, batch_size: int, train: bool) -> DataLoader:
         workers = self._workers()
