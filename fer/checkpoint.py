@@ -184,6 +184,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Loade
     model.hparams["backbone"] = dict(hp["backbone"])  # keep the record of the original weights
     model.eval()
     model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu")
+    if model.channels_last:  # the layout it trained in: eager inference 1.2-1.5x faster on CPU
+        model.net.to(memory_format=torch.channels_last)
 
     run_dir = run_dir_of(path)
     run_config = load_run_config(run_dir)
