@@ -13,7 +13,6 @@ from conftest import REPO, TINY_CLI, cli_env, compose_train, fer_train_cmd
 pytestmark = pytest.mark.timeout(600)
 
 
-@pytest.mark.slow  # three processes (launcher + 2 spawned ranks), ~50 s on the shared 2-core machine
 def test_two_process_val_accuracy_equals_a_single_process_validation(tmp_path):
     import lightning as L
     from hydra.utils import instantiate

@@ -61,7 +61,6 @@ def test_kill_9_then_resume_auto_finishes_all_epochs(tmp_path):
     assert len(json.loads((run / "provenance.json").read_text())["resumed"]) == 1
 
 
-@pytest.mark.slow  # two processes, ~60 s on the shared 2-core machine: `pytest -m slow`
 def test_sigterm_saves_a_checkpoint_exits_143_and_resume_finishes(tmp_path):
     cmd = fer_train_cmd("run_name=term", "resume=auto", "trainer.max_epochs=2")
     run = tmp_path / "logs" / "train" / "runs" / "term"
