@@ -139,3 +139,18 @@ def workdir(keep: str | None = None) -> Path:
         return path
     return Path(tempfile.mkdtemp(prefix="fer-bench-"))
 
+
+def prepare(args) -> None:
+    """Threads and quiet logs, the same for every benchmark script."""
+    import logging
+    import warnings
+
+    import torch
+
+    if args.tiny and not args.threads:
+        args.threads = 1  # tests run beside others: one thread is the robust choice there
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "fer"):
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import statistics
 import time
-import warnings
 from pathlib import Path
 
 import _common as C  # noqa: E402  (sets sys.path to the repository)
@@ -101,12 +99,7 @@ ROWS = {
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.tiny and not args.threads:
-        args.threads = 1  # tests run beside others: one thread is the robust choice there
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    logging.getLogger("fer").setLevel(logging.ERROR)
+    C.prepare(args)
     from skimage import data
 
     from fer.faces import FaceDetector, load_image

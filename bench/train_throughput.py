@@ -22,10 +22,8 @@ import argparse
 import contextlib
 import io
 import json
-import logging
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 import _common as C  # noqa: E402  (sets sys.path to the repository)
@@ -207,13 +205,7 @@ ROWS = {
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.tiny and not args.threads:
-        args.threads = 1  # tests run beside others: one thread is the robust choice there
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "fer"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    C.prepare(args)
     console = C.console()
     work = C.workdir(args.workdir)
     try:
