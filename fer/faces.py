@@ -1,4 +1,4 @@
-"""Loading photos and finding faces in them (OpenCV's bundled Haar cascade).
+"""Loading photos and finding faces in them (BlazeFace by default, OpenCV's Haar cascade on request).
 
 `load_image` is the one place a photo becomes pixels: EXIF orientation applied, every Pillow mode
 (grayscale, RGB, RGBA, palette, CMYK, 16-bit) brought to 8-bit L or RGB, and Pillow's
@@ -26,6 +26,7 @@ ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 Box = tuple[int, int, int, int]  # x, y, w, h in pixels of the original (EXIF-rotated) image
 
 HAAR_FRONTAL = "haarcascade_frontalface_default.xml"
+DETECTORS = ("blazeface", "haar")
 
 
 class ImageError(DataError):
@@ -102,22 +103,30 @@ def _cascade_file(name: str) -> str:
 
 @dataclass
 class FaceDetector:
-    """Haar-cascade face detection with the options `fer-predict` exposes.
+    """Face detection with the options `fer-predict` exposes.
 
-    detect=False treats the whole image as one pre-cropped face. Images larger than `max_side` are
-    downscaled for detection only (Haar cost grows with the pixel count), and boxes mapped back.
+    method="blazeface" (default): MediaPipe's full-range BlazeFace network, ~7 ms a photo on 2 CPU cores,
+    robust to pose and lighting, finds faces down to ~1/10 of the photo's shorter side (wide photos tiled).
+    method="haar": OpenCV's frontal Haar cascade, ~8x slower (56 ms), scans at full resolution, so it also
+    finds the small faces of large group photos (images larger than `max_side` are downscaled first).
+    detect=False treats the whole image as one pre-cropped face.
     """
 
     detect: bool = True
     all_faces: bool = True
     min_face_size: int = 30
-    max_side: int = 1280
-    scale_factor: float = 1.1
-    min_neighbors: int = 5
-    cascade: str = HAAR_FRONTAL
+    method: str = "blazeface"
+    min_score: float = 0.5          # BlazeFace confidence threshold
+    max_side: int = 1280            # Haar only
+    scale_factor: float = 1.1       # Haar only
+    min_neighbors: int = 5          # Haar only
+    cascade: str = HAAR_FRONTAL     # Haar only
 
     def __post_init__(self) -> None:
+        if self.method not in DETECTORS:
+            raise ValueError(f"unknown face detector {self.method!r}; choose one of {', '.join(DETECTORS)}")
         self._local = threading.local()  # a CascadeClassifier must not be shared between threads
+        self._blazeface = None
 
     def _classifier(self) -> cv2.CascadeClassifier:
         clf = getattr(self._local, "clf", None)
@@ -133,6 +142,26 @@ class FaceDetector:
         width, height = image.size
         if not self.detect:
             return [(0, 0, width, height)]
+        found = self._blazeface_boxes(image) if self.method == "blazeface" else self._haar_boxes(image)
+        boxes = []
+        for x0, y0, x1, y1 in found:
+            x0, y0 = max(0, round(x0)), max(0, round(y0))
+            x1, y1 = min(width, round(x1)), min(height, round(y1))
+            if x1 - x0 >= self.min_face_size and y1 - y0 >= self.min_face_size:
+                boxes.append((x0, y0, x1 - x0, y1 - y0))
+        boxes.sort(key=lambda b: b[2] * b[3], reverse=True)
+        return boxes if self.all_faces else boxes[:1]
+
+    def _blazeface_boxes(self, image: Image.Image) -> list[tuple[float, float, float, float]]:
+        if self._blazeface is None:
+            from fer.detectors.blazeface import BlazeFace  # loads onnxruntime only when first used
+
+            self._blazeface = BlazeFace(score_threshold=self.min_score)
+        rgb = np.asarray(image.convert("RGB"))
+        return [tuple(box) for box, _ in self._blazeface(rgb)]
+
+    def _haar_boxes(self, image: Image.Image) -> list[tuple[float, float, float, float]]:
+        width, height = image.size
         gray = np.asarray(image.convert("L"))
         scale = min(1.0, self.max_side / max(width, height))
         if scale < 1.0:
@@ -143,19 +172,13 @@ class FaceDetector:
             cv2.equalizeHist(gray), scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors,
             minSize=(min_size, min_size),
         )
-        boxes = []
-        for x, y, w, h in (found if len(found) else []):
-            x0, y0 = round(x / scale), round(y / scale)
-            x1, y1 = min(width, round((x + w) / scale)), min(height, round((y + h) / scale))
-            if x1 - x0 >= self.min_face_size and y1 - y0 >= self.min_face_size:
-                boxes.append((x0, y0, x1 - x0, y1 - y0))
-        boxes.sort(key=lambda b: b[2] * b[3], reverse=True)
-        return boxes if self.all_faces else boxes[:1]
+        return [(x / scale, y / scale, (x + w) / scale, (y + h) / scale)
+                for x, y, w, h in (found if len(found) else [])]
 
 
 def crop_box(box: Box, size: tuple[int, int], margin: float) -> tuple[int, int, int, int]:
     """The (left, top, right, bottom) crop around a face box: `margin` of its size added on every side,
-    clipped to the image. Haar boxes are tight (brows to chin); training faces (FER2013) show more."""
+    clipped to the image. Detector boxes are tight (brows to chin); training faces (FER2013) show more."""
     x, y, w, h = box
     width, height = size
     dx, dy = round(w * margin), round(h * margin)

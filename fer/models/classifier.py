@@ -207,9 +207,15 @@ class FERClassifier(L.LightningModule):
         # Capped at a fifth of the run, so a short run (one epoch) still reaches its decay phase.
         warmup = min(int(self.scheduler_cfg["warmup_epochs"] * per_epoch), total // 5)
         if name == "cosine":
-            factor = partial(
-                scheduled_lr_factor, total=total, warmup=warmup, min_ratio=self.scheduler_cfg["min_lr_ratio"]
-            )
+            min_ratio = self.scheduler_cfg["min_lr_ratio"]
+
+            def factor(step: int) -> float:
+                # Follows max_epochs when a callback shortens the run (fer.time_budget.FitEpochsToMaxTime).
+                # A closure, not a callable object: LambdaLR would otherwise pickle it into checkpoints.
+                max_epochs = self.trainer.fit_loop.max_epochs if self._trainer is not None else None
+                length = min(total, per_epoch * max_epochs) if max_epochs and max_epochs > 0 else total
+                return scheduled_lr_factor(step, total=length, warmup=warmup, min_ratio=min_ratio)
+
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         elif name == "onecycle":
             scheduler = torch.optim.lr_scheduler.OneCycleLR(

@@ -1,0 +1,1 @@
+"""Face detectors beyond OpenCV's Haar cascade (which lives in fer.faces)."""

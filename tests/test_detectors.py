@@ -1,0 +1,89 @@
+"""The bundled BlazeFace detector: finds real faces where they are, ignores non-faces, maps boxes back."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from fer.detectors.blazeface import DEFAULT_MODEL, BlazeFace, weighted_nms
+from fer.faces import FaceDetector, load_image
+
+data = pytest.importorskip("skimage.data")
+
+
+def _iou(a, b) -> float:
+    ax0, ay0, aw, ah = a
+    bx0, by0, bw, bh = b
+    w = max(0, min(ax0 + aw, bx0 + bw) - max(ax0, bx0))
+    h = max(0, min(ay0 + ah, by0 + bh) - max(ay0, by0))
+    return w * h / (aw * ah + bw * bh - w * h)
+
+
+def test_model_file_ships_with_its_provenance():
+    model = onnx.load(str(DEFAULT_MODEL))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert "face_detection_full_range.tflite" in meta["source"] and meta["licence"].startswith("Apache-2.0")
+    assert [i.name for i in model.graph.input] == ["image"]
+
+
+def test_astronaut_face_agrees_with_haar():
+    image = load_image(data.astronaut())
+    (box,) = FaceDetector(method="blazeface")(image)
+    (haar,) = FaceDetector(method="haar")(image)
+    assert _iou(box, haar) > 0.6, (box, haar)  # two unrelated detectors put the face in the same place
+
+
+def test_no_faces_in_cat_coffee_or_noise():
+    detector = FaceDetector(method="blazeface", min_face_size=1)
+    noise = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    for picture in (data.chelsea(), data.coffee(), noise, np.zeros((64, 64), np.uint8)):
+        assert detector(load_image(picture)) == []
+
+
+def test_every_face_of_a_wide_group_photo_in_its_own_pixels():
+    face = data.astronaut()[20:260, 120:330]  # 240 x 210
+    canvas = np.full((420, 1200, 3), 180, np.uint8)
+    placed = [(60, 40), (500, 150), (920, 90)]
+    for i, (x, y) in enumerate(placed):
+        canvas[y:y + 240, x:x + 210] = face[:, ::-1] if i % 2 else face
+    boxes = FaceDetector(method="blazeface")(load_image(canvas))
+    assert len(boxes) == 3
+    # Each box lies inside the patch it came from: the letterbox padding and scale were undone.
+    for x, y in placed:
+        assert any(x <= bx and bx + bw <= x + 210 + 5 and y <= by and by + bh <= y + 240 + 5
+                   for bx, by, bw, bh in boxes), (x, y, boxes)
+
+
+def test_grayscale_photo():
+    gray = Image.fromarray(data.astronaut()).convert("L")
+    assert len(FaceDetector(method="blazeface")(gray)) == 1
+
+
+def test_weighted_nms_blends_overlaps_and_keeps_the_rest():
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60]], np.float32)
+    scores = np.array([0.9, 0.3, 0.8], np.float32)
+    kept = weighted_nms(boxes, scores, iou_threshold=0.3)
+    assert [round(s, 2) for _, s in kept] == [0.9, 0.8]
+    np.testing.assert_allclose(kept[0][0], [0.25, 0.25, 10.25, 10.25], atol=1e-5)  # 0.9/0.3-weighted mean
+    np.testing.assert_allclose(kept[1][0], boxes[2])
+
+
+def test_score_threshold_is_respected():
+    rgb = data.astronaut()
+    (_, score), = BlazeFace()(rgb)
+    assert BlazeFace(score_threshold=min(0.999, score + 0.01))(rgb) == []
+
+
+@pytest.mark.parametrize("size", [(512, 512), (640, 480), (1200, 420), (300, 1000), (4000, 2001)])
+def test_tiles_cover_the_photo(size):
+    from fer.detectors.blazeface import tiles
+
+    width, height = size
+    covered = np.zeros((height, width), bool)
+    for x, y, w, h in tiles(width, height):
+        assert 0 <= x and 0 <= y and x + w <= width and y + h <= height
+        covered[y:y + h, x:x + w] = True
+    assert covered.all()
+    assert len(tiles(width, height)) == (1 if max(size) <= 1.5 * min(size) else -(-max(size) // min(size)) + 1)

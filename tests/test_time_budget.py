@@ -1,0 +1,33 @@
+"""A time-boxed run (Trainer max_time + FitEpochsToMaxTime) ends on a validated epoch, fully annealed."""
+
+from __future__ import annotations
+
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import compose_train
+from fer.train import train
+
+
+def test_time_budget_ends_on_a_validated_annealed_epoch(tmp_path):
+    cfg = compose_train(tmp_path, [
+        "data.source.num_train=128", "data.source.num_val=64",  # epochs of a second or two
+        "trainer.max_epochs=500", "trainer.max_time=00:00:00:20",
+        "+callbacks.time_budget._target_=fer.time_budget.FitEpochsToMaxTime",
+        "+callbacks.time_budget.safety=1.5",  # one-second epochs jitter more than real ones
+        "optim.optimizer.lr=1e-3", "optim.scheduler.min_lr_ratio=0.01", "optim.scheduler.warmup_epochs=0",
+    ])
+    summary = train(cfg)
+    epochs = summary["epochs_completed"]
+    assert 3 <= epochs < 500
+    steps_per_epoch = 128 // 32
+    assert summary["global_step"] == epochs * steps_per_epoch  # stopped on an epoch boundary, not mid-epoch
+
+    events = EventAccumulator(str(next((tmp_path / "run" / "tensorboard").rglob("events.out.*")).parent))
+    events.Reload()
+    assert len(events.Scalars("val/acc")) == epochs  # the last epoch was validated too
+
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    lr = last["optimizer_states"][0]["param_groups"][0]["lr"]
+    assert lr <= 1e-3 * 0.02, lr  # the cosine reached its floor at the shortened end, not at epoch 500
+    assert last["callbacks"]["FitEpochsToMaxTime"]["max_epochs"] == epochs
