@@ -29,6 +29,8 @@ import _common as C  # noqa: E402  (sets sys.path to the repository)
 
 import torch  # noqa: E402
 
+from fer.faces import DETECTORS  # noqa: E402
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -41,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-calls", type=int, default=6, help="full-batch calls per repeat and backend")
     p.add_argument("--photo-calls", type=int, default=8, help="whole-photo calls per repeat and pipeline")
     p.add_argument("--hse-size", type=int, default=224, help="input size of the HSEmotion-sized classifier")
-    p.add_argument("--detector", choices=("blazeface", "haar"), default="blazeface",
+    p.add_argument("--detector", choices=DETECTORS, default="blazeface",
                    help="face detector of the photo pipelines (default: fer's default, blazeface)")
     p.add_argument("--tiny", action="store_true", help="few calls, small inputs (tests)")
     p.add_argument("--json", type=Path, help="also write the figures to this file")

@@ -68,6 +68,7 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "torch", "onnx")
 
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 

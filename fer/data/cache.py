@@ -38,12 +38,17 @@ class CachedSplit:
     skipped: list[str] = field(default_factory=list)  # `where` of the samples dropped by on_bad="skip"
 
 
-def default_cache_dir() -> Path:
-    """$FER_CACHE_DIR, else $XDG_CACHE_HOME/fer, else ~/.cache/fer (never inside a dataset folder)."""
-    if os.environ.get("FER_CACHE_DIR"):
-        return Path(os.environ["FER_CACHE_DIR"]).expanduser()
+def user_cache_root() -> Path:
+    """$XDG_CACHE_HOME/fer, else ~/.cache/fer: where fer keeps what it makes per machine."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base).expanduser() / "fer"
+
+
+def default_cache_dir() -> Path:
+    """$FER_CACHE_DIR, else the user cache root (never inside a dataset folder)."""
+    if os.environ.get("FER_CACHE_DIR"):
+        return Path(os.environ["FER_CACHE_DIR"]).expanduser()
+    return user_cache_root()
 
 
 def _to_8bit(a: np.ndarray, mode: str) -> np.ndarray:

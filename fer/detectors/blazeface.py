@@ -18,6 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from fer.data.cache import user_cache_root
 from fer.errors import DataError
 
 MODEL_NAME = "blazeface_full_range.onnx"
@@ -29,10 +30,10 @@ RAW_SCORE_LIMIT = 80.0  # MediaPipe clips logits before the sigmoid
 
 def default_model_path() -> Path:
     """$FER_MODEL_DIR/blazeface_full_range.onnx, else under $XDG_CACHE_HOME/fer/models or ~/.cache/fer/models."""
+    # Not under $FER_CACHE_DIR: that one holds decoded datasets and tests point it at temp folders.
     if os.environ.get("FER_MODEL_DIR"):
         return Path(os.environ["FER_MODEL_DIR"]).expanduser() / MODEL_NAME
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "fer" / "models" / MODEL_NAME
+    return user_cache_root() / "models" / MODEL_NAME
 
 
 def _anchor_centres() -> np.ndarray:
