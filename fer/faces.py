@@ -105,9 +105,9 @@ def _cascade_file(name: str) -> str:
 class FaceDetector:
     """Face detection with the options `fer-predict` exposes.
 
-    method="blazeface" (default): MediaPipe's full-range BlazeFace network, ~7 ms a photo on 2 CPU cores,
+    method="blazeface" (default): MediaPipe's full-range BlazeFace network, ~3.5 ms a photo on 2 CPU cores,
     robust to pose and lighting, finds faces down to ~1/10 of the photo's shorter side (wide photos tiled).
-    method="haar": OpenCV's frontal Haar cascade, ~8x slower (56 ms), scans at full resolution, so it also
+    method="haar": OpenCV's frontal Haar cascade, ~16x slower (56 ms), scans at full resolution, so it also
     finds the small faces of large group photos (images larger than `max_side` are downscaled first).
     detect=False treats the whole image as one pre-cropped face.
     """

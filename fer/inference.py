@@ -150,7 +150,7 @@ class Predictor:
         return softmax(logits, self.temperature)
 
     def _choose_backend(self, backend: str, onnx_model: str | os.PathLike | None):
-        """auto: ONNX Runtime on a CPU (4-5x faster per face than eager PyTorch at batch 1), PyTorch on a GPU;
+        """auto: ONNX Runtime on a CPU (~6x faster per face than eager PyTorch at batch 1), PyTorch on a GPU;
         if the model cannot be exported, auto falls back to PyTorch with a warning."""
         if backend == "torch" or (backend == "auto" and not str(self.device).startswith("cpu")):
             return "torch", None

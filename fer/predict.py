@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="classify only the largest face of each image")
     p.add_argument("--min-face-size", type=int, default=30, metavar="PX", help="smallest face to detect (default 30)")
     p.add_argument("--detector", choices=DETECTORS, default="blazeface",
-                   help="blazeface (default, ~7 ms a photo) or haar (OpenCV's cascade: slower, finds smaller faces "
+                   help="blazeface (default, ~3.5 ms a photo) or haar (OpenCV's cascade: slower, finds smaller faces "
                         "in large group photos)")
     p.add_argument("--fallback", choices=("none", "full-image"), default="none",
                    help="when no face is found: report it (none, default) or classify the whole image")

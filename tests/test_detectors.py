@@ -29,6 +29,42 @@ def test_model_file_records_its_provenance():
     assert [i.name for i in model.graph.input] == ["image"]
 
 
+def test_model_file_has_its_same_padding_inside_the_convolutions():
+    ops = [n.op_type for n in onnx.load(str(default_model_path())).graph.node]
+    # What Pads remain widen channels for BlazeFace's residual additions; none feeds a convolution.
+    assert ops.count("Conv") == 89 and ops.count("Pad") == 8
+
+
+def test_pads_fold_into_convolutions_with_identical_outputs(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    torch = pytest.importorskip("torch")
+    import torch.nn.functional as F
+
+    from fer.detectors.tflite_to_onnx import basic_optimise, fold_pads_into_convs
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, stride=2, groups=3)
+            self.wide = torch.nn.Conv2d(3, 5, 1)
+
+        def forward(self, x):
+            y = self.conv(F.pad(x, (0, 1, 0, 1)))  # TensorFlow's asymmetric SAME padding: foldable
+            return self.wide(y) + F.pad(y, (0, 0, 0, 0, 0, 2))  # a channel pad: must stay
+
+    path = tmp_path / "block.onnx"
+    torch.onnx.export(Block().eval(), (torch.zeros(1, 3, 16, 16),), str(path), dynamo=False,
+                      input_names=["x"], opset_version=17)
+    basic_optimise(path, tmp_path / "basic.onnx")  # as convert() does: the pad amounts become constants
+    model = onnx.load(str(tmp_path / "basic.onnx"))
+    x = np.random.default_rng(0).normal(size=(1, 3, 16, 16)).astype(np.float32)
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    folded = fold_pads_into_convs(model)
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert folded == 1 and [n.op_type for n in model.graph.node].count("Pad") == 1
+    np.testing.assert_allclose(after[0], before[0], atol=1e-6)
+
+
 def test_missing_model_is_one_line_naming_it_and_the_fix(tmp_path):
     missing = tmp_path / "none.onnx"
     with pytest.raises(DataError) as error:

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -48,14 +49,16 @@ def _options(op, cls):
     return opts
 
 
-def _same_pad(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
-    """TensorFlow's SAME padding: the odd pixel goes to the bottom/right (PyTorch's padding= is symmetric)."""
+def _same_pads(size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int]) -> tuple[int, ...]:
+    """TensorFlow's SAME padding as F.pad's (left, right, top, bottom): the odd pixel goes to the bottom/right
+    (PyTorch's padding= is symmetric). From the TFLite tensors' static shapes, so the exported graph gets
+    constant pads that ONNX Runtime folds into its Conv/MaxPool nodes instead of computing them per run."""
     pads = []
-    for size, k, s in zip(x.shape[2:], kernel, stride):
-        total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+    for extent, k, s in zip(size, kernel, stride):
+        total = max((math.ceil(extent / s) - 1) * s + k - extent, 0)
         pads.append((total // 2, total - total // 2))
     (top, bottom), (left, right) = pads
-    return F.pad(x, (left, right, top, bottom)) if top or bottom or left or right else x
+    return left, right, top, bottom
 
 
 class TFLiteGraph(nn.Module):
@@ -97,6 +100,22 @@ class TFLiteGraph(nn.Module):
                 continue
             self.register_buffer(f"w{i}", torch.from_numpy(np.ascontiguousarray(w)))
             self.register_buffer(f"b{i}", torch.from_numpy(self.constants[inputs[2]].copy()))
+        self.same_pads: dict[int, tuple[int, ...]] = {}  # op index -> static SAME padding, where it pads
+        for i, (name, op, inputs, _) in enumerate(self.ops):
+            if name in ("CONV_2D", "DEPTHWISE_CONV_2D"):
+                depthwise = name == "DEPTHWISE_CONV_2D"
+                o = _options(op, tflite.DepthwiseConv2DOptions if depthwise else tflite.Conv2DOptions)
+                kernel = tuple(self.constants[inputs[1]].shape[1:3])
+            elif name == "MAX_POOL_2D":
+                o = _options(op, tflite.Pool2DOptions)
+                kernel = (o.FilterHeight(), o.FilterWidth())
+            else:
+                continue
+            if o.Padding() == SAME:
+                height, width = graph.Tensors(inputs[0]).ShapeAsNumpy()[1:3]  # NHWC
+                pads = _same_pads((int(height), int(width)), kernel, (o.StrideH(), o.StrideW()))
+                if any(pads):
+                    self.same_pads[i] = pads
         self.input_index = int(graph.Inputs(0))
         self.output_indices = [int(graph.Outputs(i)) for i in range(graph.OutputsLength())]
 
@@ -109,10 +128,10 @@ class TFLiteGraph(nn.Module):
                 depthwise = name == "DEPTHWISE_CONV_2D"
                 o = _options(op, t.DepthwiseConv2DOptions if depthwise else t.Conv2DOptions)
                 w = getattr(self, f"w{i}")
-                stride = (o.StrideH(), o.StrideW())
-                if o.Padding() == SAME:
-                    a = _same_pad(a, tuple(w.shape[2:]), stride)
-                y = F.conv2d(a, w, getattr(self, f"b{i}"), stride=stride, groups=a.shape[1] if depthwise else 1)
+                if i in self.same_pads:
+                    a = F.pad(a, self.same_pads[i])
+                y = F.conv2d(a, w, getattr(self, f"b{i}"), stride=(o.StrideH(), o.StrideW()),
+                             groups=w.shape[0] if depthwise else 1)
                 y = ACTIVATIONS[o.FusedActivationFunction()](y)
             elif name == "ADD":
                 y = ACTIVATIONS[_options(op, t.AddOptions).FusedActivationFunction()](a + values[inputs[1]])
@@ -123,10 +142,9 @@ class TFLiteGraph(nn.Module):
                 y = F.pad(a, (left, right, top, bottom, front, back))
             elif name == "MAX_POOL_2D":
                 o = _options(op, t.Pool2DOptions)
-                kernel, stride = (o.FilterHeight(), o.FilterWidth()), (o.StrideH(), o.StrideW())
-                if o.Padding() == SAME:
-                    a = _same_pad(a, kernel, stride)
-                y = F.max_pool2d(a, kernel, stride)
+                if i in self.same_pads:
+                    a = F.pad(a, self.same_pads[i])
+                y = F.max_pool2d(a, (o.FilterHeight(), o.FilterWidth()), (o.StrideH(), o.StrideW()))
             elif name == "RESIZE_BILINEAR":
                 o = _options(op, t.ResizeBilinearOptions)
                 if o.AlignCorners() or not o.HalfPixelCenters():
@@ -143,6 +161,59 @@ class TFLiteGraph(nn.Module):
                 raise NotImplementedError(f"TFLite op {name} is not mapped")
             values[output] = y
         return tuple(values[i] for i in self.output_indices)
+
+
+def basic_optimise(source: Path, target: Path) -> None:
+    """ONNX Runtime's basic (hardware-independent) graph optimisations, saved: constants folded, so the
+    file is small and the exporter's pad amounts become constants that fold_pads_into_convs can read."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(target)
+    options.log_severity_level = 3
+    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+
+
+def fold_pads_into_convs(model) -> int:
+    """Each zero, spatial-only Pad feeding only a Conv becomes that Conv's own `pads` (ONNX allows them
+    asymmetric, PyTorch's conv2d does not, hence the Pads in the export); returns how many were folded."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    producer = {n.output[0]: n for n in graph.node}
+    uses = Counter(name for n in graph.node for name in n.input)
+    folded = []
+    for conv in graph.node:
+        pad = producer.get(conv.input[0])
+        if conv.op_type != "Conv" or pad is None or pad.op_type != "Pad" or uses[pad.output[0]] != 1:
+            continue
+        mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
+        pads = constants.get(pad.input[1])
+        fill = constants.get(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else None
+        if mode != b"constant" or pads is None or len(pads) != 8 or (fill is not None and fill.any()):
+            continue
+        n0, c0, top, left, n1, c1, bottom, right = (int(v) for v in pads)  # ONNX: all starts, then all ends
+        if n0 or c0 or n1 or c1:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+        if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            continue
+        old = list(attrs.get("pads", [0, 0, 0, 0]))
+        kept = [a for a in conv.attribute if a.name != "pads"]
+        del conv.attribute[:]
+        conv.attribute.extend(kept + [helper.make_attribute(
+            "pads", [old[0] + top, old[1] + left, old[2] + bottom, old[3] + right])])
+        conv.input[0] = pad.input[0]
+        folded.append(pad)
+    for pad in folded:
+        graph.node.remove(pad)
+    used = {name for n in graph.node for name in n.input}
+    unused = [t for t in graph.initializer if t.name not in used]  # the folded Pads' amounts
+    for tensor in unused:
+        graph.initializer.remove(tensor)
+    return len(folded)
 
 
 def _reference(path: Path, x: np.ndarray) -> list[np.ndarray] | None:
@@ -184,13 +255,16 @@ def convert(tflite_path: Path, output: Path, samples: np.ndarray) -> dict[str, f
     module = TFLiteGraph(tflite_path).eval()
     size = samples.shape[-1]
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_suffix(".tmp")
+    tmp, exported = output.with_suffix(".tmp"), output.with_suffix(".export.tmp")
     with torch.no_grad():
-        torch.onnx.export(module, (torch.zeros(1, 3, size, size),), str(tmp), dynamo=False,
+        torch.onnx.export(module, (torch.zeros(1, 3, size, size),), str(exported), dynamo=False,
                           input_names=["image"], output_names=["regressors", "scores"], opset_version=17,
                           dynamic_axes={"image": {0: "batch"}, "regressors": {0: "batch"}, "scores": {0: "batch"}})
         replay = [t.numpy() for t in module(torch.from_numpy(samples))]
+    basic_optimise(exported, tmp)
+    exported.unlink()
     model = onnx.load(str(tmp))
+    fold_pads_into_convs(model)
     source = hashlib.sha256(Path(tflite_path).read_bytes()).hexdigest()
     for key, value in {"source": f"MediaPipe {Path(tflite_path).name} (sha256 {source})",
                        "licence": "Apache-2.0 (Google MediaPipe)",
