@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from fer.errors import FERError
+from fer.ort_session import onnx_session
 
 log = logging.getLogger(__name__)
 
@@ -171,27 +172,6 @@ def _add_onnx_metadata(path: Path, meta: dict[str, str]) -> None:
     proto.producer_name = "fer-export"
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
-
-
-def onnx_session(path: str | os.PathLike, threads: int | None = None, providers: Sequence[str] | None = None,
-                 spin: bool = True):
-    """An ONNX Runtime session (CPU unless `providers` says otherwise), shared by the classifier and BlazeFace.
-
-    spin=True: worker threads busy-wait for work only while a run is in progress and stop the moment it
-    returns (session.force_spinning_stop), so small models skip a thread wake-up per operator (BlazeFace
-    3.7 -> 2.5 ms a photo on 2 cores) without stealing the CPU from what runs next (spinning left on after
-    the run slowed a following eager B0 from 17 to 38 ms). spin=False: threads sleep between operators too.
-    """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-    options.add_session_config_entry("session.force_spinning_stop", "1")
-    if threads:
-        options.intra_op_num_threads = int(threads)
-    return ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -157,7 +157,7 @@ class FaceDetector:
             from fer.detectors.blazeface import BlazeFace  # loads onnxruntime only when first used
 
             self._blazeface = BlazeFace(score_threshold=self.min_score)
-        rgb = np.asarray(image.convert("RGB"))
+        rgb = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))  # convert() copies even RGB
         return [tuple(box) for box, _ in self._blazeface(rgb)]
 
     def _haar_boxes(self, image: Image.Image) -> list[tuple[float, float, float, float]]:

@@ -79,7 +79,7 @@ class BlazeFace:
 
     def _run(self, blob: np.ndarray) -> list[np.ndarray]:
         if self._session is None:  # ONNX Runtime sessions are thread-safe for run(); one per detector
-            from fer.export import onnx_session
+            from fer.ort_session import onnx_session
 
             if not Path(self.model_path).is_file():
                 raise DataError(f"BlazeFace model {self.model_path} not found: run `{SETUP_COMMAND}` once "

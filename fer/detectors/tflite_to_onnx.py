@@ -51,8 +51,8 @@ def _options(op, cls):
 
 def _same_pads(size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int]) -> tuple[int, ...]:
     """TensorFlow's SAME padding as F.pad's (left, right, top, bottom): the odd pixel goes to the bottom/right
-    (PyTorch's padding= is symmetric). From the TFLite tensors' static shapes, so the exported graph gets
-    constant pads that ONNX Runtime folds into its Conv/MaxPool nodes instead of computing them per run."""
+    (PyTorch's padding= is symmetric). From the TFLite tensors' static shapes, so the exported Pads have
+    constant amounts (fold_pads_into_convs moves them into the Conv nodes) instead of per-run shape arithmetic."""
     pads = []
     for extent, k, s in zip(size, kernel, stride):
         total = max((math.ceil(extent / s) - 1) * s + k - extent, 0)
@@ -91,21 +91,16 @@ class TFLiteGraph(nn.Module):
                 self.constants[output] = self.constants[inputs[0]].astype(np.float32)
             else:
                 self.ops.append((name, op, inputs, output))
-        for i, (name, op, inputs, _) in enumerate(self.ops):  # weights as parameters: exported as initialisers
-            if name == "CONV_2D":
-                w = self.constants[inputs[1]].transpose(0, 3, 1, 2)  # OHWI -> OIHW
-            elif name == "DEPTHWISE_CONV_2D":
-                w = self.constants[inputs[1]].transpose(3, 0, 1, 2)  # 1HWC -> C1HW
-            else:
-                continue
-            self.register_buffer(f"w{i}", torch.from_numpy(np.ascontiguousarray(w)))
-            self.register_buffer(f"b{i}", torch.from_numpy(self.constants[inputs[2]].copy()))
         self.same_pads: dict[int, tuple[int, ...]] = {}  # op index -> static SAME padding, where it pads
         for i, (name, op, inputs, _) in enumerate(self.ops):
-            if name in ("CONV_2D", "DEPTHWISE_CONV_2D"):
+            if name in ("CONV_2D", "DEPTHWISE_CONV_2D"):  # weights as buffers: exported as initialisers
                 depthwise = name == "DEPTHWISE_CONV_2D"
+                w = self.constants[inputs[1]]  # depthwise 1HWC -> C1HW, else OHWI -> OIHW
+                w_oihw = w.transpose((3, 0, 1, 2) if depthwise else (0, 3, 1, 2))
+                self.register_buffer(f"w{i}", torch.from_numpy(np.ascontiguousarray(w_oihw)))
+                self.register_buffer(f"b{i}", torch.from_numpy(self.constants[inputs[2]].copy()))
                 o = _options(op, tflite.DepthwiseConv2DOptions if depthwise else tflite.Conv2DOptions)
-                kernel = tuple(self.constants[inputs[1]].shape[1:3])
+                kernel = tuple(w.shape[1:3])
             elif name == "MAX_POOL_2D":
                 o = _options(op, tflite.Pool2DOptions)
                 kernel = (o.FilterHeight(), o.FilterWidth())
