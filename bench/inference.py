@@ -11,7 +11,8 @@
     resize, classify, on a real photo (scikit-image's astronaut, 512x512, one face)
   - the same pipeline with an HSEmotion-sized classifier in place of ours: timm tf_efficientnet_b0 at 224 px,
     3 channels (random weights: only the cost matters), same detector
-  - each detector alone: BlazeFace, and the Haar cascade `--detector haar` selects
+  - each detector alone: BlazeFace on the engine fer picks (LiteRT where installed) and on ONNX Runtime,
+    and the Haar cascade `--detector haar` selects
 
 Backends alternate within every repeat; latencies are medians of many calls, and each figure is the best
 repeat (the least disturbed by other work on the machine). CPU only.
@@ -99,7 +100,8 @@ ROWS = {
     "photo_onnx": "photo (detect + classify): fer {fer}, ONNX Runtime (the CPU default)",
     "photo_hse": "photo (detect + classify): HSEmotion-sized B0@{hse}, eager PyTorch",
     "photo_hse_onnx": "photo (detect + classify): HSEmotion-sized B0@{hse}, ONNX Runtime",
-    "detect": "face detection alone ({detector}, part of every photo row)",
+    "detect": "face detection alone ({detector}, {engine}: part of every photo row)",
+    "detect_onnx": "face detection alone (blazeface on ONNX Runtime, where ai-edge-litert is not installed)",
     "detect_haar": "face detection alone (Haar cascade, fer-predict --detector haar)",
 }
 
@@ -109,7 +111,7 @@ def main(argv=None) -> dict:
     C.prepare(args)
     from skimage import data
 
-    from fer.faces import FaceDetector, load_image
+    from fer.faces import FaceDetector, load_pixels
     from fer.inference import Predictor
 
     console = C.console()
@@ -119,6 +121,7 @@ def main(argv=None) -> dict:
 
     detector = FaceDetector(method=args.detector)
     haar = FaceDetector(method="haar")
+    blazeface_onnx = FaceDetector(method="blazeface", engine="onnx")
     ours = Predictor(model, classes, size, channels, device="cpu", detector=detector, temperature=temperature,
                      batch_size=args.batch_size, backend="torch")
     ours_onnx = Predictor(model, classes, size, channels, device="cpu", detector=detector,
@@ -134,12 +137,14 @@ def main(argv=None) -> dict:
     faces = synthetic_faces(args.batch_size, size, channels)
     one = faces[:1]
     photo = data.astronaut()  # RGB uint8, 512x512, one face
-    image = load_image(photo)
+    pixels = load_pixels(photo)  # what Predictor.predict hands its detector
     found = len(ours.predict(photo).faces)
     for p in (ours, ours_onnx):  # warm-up: allocator, ORT arenas, first-call paths
         p._forward(faces)
     for p in (ours, ours_onnx, hse, hse_onnx):
         p.predict(photo)
+    blazeface_onnx(pixels)
+    engine = type(detector._blazeface._engine).__name__.replace("Engine", "") if args.detector == "blazeface" else "-"
 
     results = C.Repeats()
     for _ in range(args.repeats):
@@ -150,8 +155,9 @@ def main(argv=None) -> dict:
         for key, p in (("photo_torch", ours), ("photo_onnx", ours_onnx), ("photo_hse", hse),
                        ("photo_hse_onnx", hse_onnx)):
             results.add(key, statistics.median(time_calls(lambda p=p: p.predict(photo), args.photo_calls)))
-        results.add("detect", statistics.median(time_calls(lambda: detector(image), args.photo_calls)))
-        results.add("detect_haar", statistics.median(time_calls(lambda: haar(image), args.photo_calls)))
+        results.add("detect", statistics.median(time_calls(lambda: detector(pixels), args.photo_calls)))
+        results.add("detect_onnx", statistics.median(time_calls(lambda: blazeface_onnx(pixels), args.photo_calls)))
+        results.add("detect_haar", statistics.median(time_calls(lambda: haar(pixels), args.photo_calls)))
 
     from rich.table import Table
 
@@ -159,7 +165,7 @@ def main(argv=None) -> dict:
     table.add_column("what")
     table.add_column("best", justify="right")
     table.add_column("median", justify="right")
-    labels = {k: v.format(b=args.batch_size, fer=fer_name, hse=args.hse_size, detector=args.detector)
+    labels = {k: v.format(b=args.batch_size, fer=fer_name, hse=args.hse_size, detector=args.detector, engine=engine)
               for k, v in ROWS.items()}
     for key, label in labels.items():
         if key.startswith("thr"):

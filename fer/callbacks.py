@@ -1,11 +1,11 @@
-"""Lightning callbacks: confusion-matrix figure, augmented-sample grid, backbone freeze."""
+"""Lightning callbacks: confusion-matrix figure, augmented-sample grid, backbone freeze, EMA of weights."""
 
 from __future__ import annotations
 
 import lightning as L
 import torch
 import torchvision
-from lightning.pytorch.callbacks import BaseFinetuning
+from lightning.pytorch.callbacks import BaseFinetuning, EMAWeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -74,12 +74,45 @@ class BackboneFreeze(BaseFinetuning):
 
     def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer) -> None:
         if self.epochs > 0 and epoch == self.epochs:
-            self.make_trainable(self._body(pl_module))
+            self._unfreeze(pl_module)
 
     def on_fit_start(self, trainer, pl_module) -> None:
         # BaseFinetuning restores the parameter groups it added; this callback adds none.
         if self.epochs > 0 and trainer.current_epoch >= self.epochs:
-            self.make_trainable(self._body(pl_module))
+            self._unfreeze(pl_module)
+
+    def _unfreeze(self, pl_module: L.LightningModule) -> None:
+        self.make_trainable(self._body(pl_module))
+        for param in getattr(pl_module, "frozen_parameters", []):  # model.frozen_stages stay frozen for good
+            param.requires_grad_(False)
+
+
+class EMAWeights(EMAWeightAveraging):
+    """Lightning's EMAWeightAveraging, but the live weights stand in until averaging has started.
+
+    Lightning validates, checkpoints and finally keeps the average model even before its first update
+    (`update_starting_at_step`), i.e. the untrained initial weights: a run's first epochs then report
+    chance accuracy and a run shorter than the start step ends with its initial weights.
+    """
+
+    def _averaging(self) -> bool:
+        return self._average_model is not None and int(self._average_model.n_averaged) > 0
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        if self._averaging():
+            super().on_validation_epoch_start(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self._averaging():
+            super().on_validation_epoch_end(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if self._averaging():  # before that, the checkpoint holds the live weights (and resumes from them)
+            super().on_save_checkpoint(trainer, pl_module, checkpoint)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._averaging():
+            super().on_train_end(trainer, pl_module)
 
 
 from fer.checkpointing import Preemption  # noqa: E402,F401 - configured as fer.callbacks.Preemption

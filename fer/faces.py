@@ -93,6 +93,19 @@ def load_image(image: ImageInput, name: str | None = None) -> Image.Image:
         raise ImageError(f"{where}: cannot read image ({_reason(exc)})") from exc
 
 
+def load_pixels(image: ImageInput, name: str | None = None) -> np.ndarray:
+    """Like `load_image`, as a uint8 (H, W) gray or (H, W, 3) RGB array; ImageError naming the input otherwise.
+
+    A uint8 gray or RGB array is returned as it is (not copied): the photo pipeline then never goes
+    through Pillow, whose image -> array conversion alone copies the whole photo.
+    """
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.size and (
+        image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)
+    ):
+        return np.ascontiguousarray(image)
+    return np.asarray(load_image(image, name))
+
+
 @lru_cache(maxsize=4)
 def _cascade_file(name: str) -> str:
     path = Path(cv2.data.haarcascades) / name
@@ -105,9 +118,9 @@ def _cascade_file(name: str) -> str:
 class FaceDetector:
     """Face detection with the options `fer-predict` exposes.
 
-    method="blazeface" (default): MediaPipe's full-range BlazeFace network, ~3.5 ms a photo on 2 CPU cores,
+    method="blazeface" (default): MediaPipe's full-range BlazeFace network, ~2-3 ms a photo on 2 CPU cores,
     robust to pose and lighting, finds faces down to ~1/10 of the photo's shorter side (wide photos tiled).
-    method="haar": OpenCV's frontal Haar cascade, ~16x slower (56 ms), scans at full resolution, so it also
+    method="haar": OpenCV's frontal Haar cascade, ~20x slower (56 ms), scans at full resolution, so it also
     finds the small faces of large group photos (images larger than `max_side` are downscaled first).
     detect=False treats the whole image as one pre-cropped face.
     """
@@ -117,6 +130,7 @@ class FaceDetector:
     min_face_size: int = 30
     method: str = "blazeface"
     min_score: float = 0.5          # BlazeFace confidence threshold
+    engine: str = "auto"            # BlazeFace only: auto (LiteRT if installed, else ONNX Runtime) | litert | onnx
     max_side: int = 1280            # Haar only
     scale_factor: float = 1.1       # Haar only
     min_neighbors: int = 5          # Haar only
@@ -137,12 +151,14 @@ class FaceDetector:
             self._local.clf = clf
         return clf
 
-    def __call__(self, image: Image.Image) -> list[Box]:
-        """Face boxes of an 8-bit L/RGB image, largest first (only the largest unless all_faces)."""
-        width, height = image.size
+    def __call__(self, image: Image.Image | np.ndarray) -> list[Box]:
+        """Face boxes of an 8-bit L/RGB image (PIL, or a `load_pixels` array), largest first (only the
+        largest unless all_faces)."""
+        pixels = image if isinstance(image, np.ndarray) else np.asarray(image)
+        height, width = pixels.shape[:2]
         if not self.detect:
             return [(0, 0, width, height)]
-        found = self._blazeface_boxes(image) if self.method == "blazeface" else self._haar_boxes(image)
+        found = self._blazeface_boxes(pixels) if self.method == "blazeface" else self._haar_boxes(pixels)
         boxes = []
         for x0, y0, x1, y1 in found:
             x0, y0 = max(0, round(x0)), max(0, round(y0))
@@ -152,17 +168,18 @@ class FaceDetector:
         boxes.sort(key=lambda b: b[2] * b[3], reverse=True)
         return boxes if self.all_faces else boxes[:1]
 
-    def _blazeface_boxes(self, image: Image.Image) -> list[tuple[float, float, float, float]]:
+    def _blazeface_boxes(self, pixels: np.ndarray) -> list[tuple[float, float, float, float]]:
         if self._blazeface is None:
             from fer.detectors.blazeface import BlazeFace  # loads onnxruntime only when first used
 
-            self._blazeface = BlazeFace(score_threshold=self.min_score)
-        rgb = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))  # convert() copies even RGB
+            self._blazeface = BlazeFace(score_threshold=self.min_score, engine=self.engine)
+        rgb = pixels if pixels.ndim == 3 else cv2.cvtColor(pixels, cv2.COLOR_GRAY2RGB)
         return [tuple(box) for box, _ in self._blazeface(rgb)]
 
-    def _haar_boxes(self, image: Image.Image) -> list[tuple[float, float, float, float]]:
-        width, height = image.size
-        gray = np.asarray(image.convert("L"))
+    def _haar_boxes(self, pixels: np.ndarray) -> list[tuple[float, float, float, float]]:
+        height, width = pixels.shape[:2]
+        # Pillow's luma (not OpenCV's, which rounds differently): the boxes stay those of a PIL input.
+        gray = pixels if pixels.ndim == 2 else np.asarray(Image.fromarray(pixels).convert("L"))
         scale = min(1.0, self.max_side / max(width, height))
         if scale < 1.0:
             gray = cv2.resize(gray, (max(1, round(width * scale)), max(1, round(height * scale))),

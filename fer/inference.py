@@ -26,7 +26,7 @@ import torch
 from fer.checkpoint import LoadedCheckpoint, load_checkpoint, load_classifier
 from fer.data.cache import decode
 from fer.errors import CheckpointError, DataError
-from fer.faces import Box, FaceDetector, ImageError, ImageInput, crop_box, load_image
+from fer.faces import Box, FaceDetector, ImageError, ImageInput, crop_box, load_pixels
 from fer.utils import one_line
 
 __all__ = ["Face", "ImageResult", "Predictor", "load_classifier", "load_checkpoint", "softmax"]
@@ -140,13 +140,12 @@ class Predictor:
         )
 
     # -- the backend ------------------------------------------------------------------------------
-    @torch.inference_mode()
     def _forward(self, batch: np.ndarray) -> np.ndarray:
         """float32 (N, C, H, W) in [0, 1] -> probabilities (N, classes). The only place the network runs."""
         if self._onnx is not None:  # the exported model has normalisation, temperature and softmax inside
             return self._onnx.run(["probabilities"], {"faces": np.ascontiguousarray(batch, dtype=np.float32)})[0]
-        x = torch.from_numpy(batch).to(self.device)
-        logits = self.model(x).float().cpu().numpy()
+        with torch.inference_mode():
+            logits = self.model(torch.from_numpy(batch).to(self.device)).float().cpu().numpy()
         return softmax(logits, self.temperature)
 
     def _choose_backend(self, backend: str, onnx_model: str | os.PathLike | None):
@@ -187,9 +186,11 @@ class Predictor:
         return onnx_session(path)
 
     # -- preprocessing ----------------------------------------------------------------------------
-    def preprocess(self, image, box: Box) -> np.ndarray:
-        """The model's input for one face: margin around the box, gray or RGB, resized; uint8 (C, S, S)."""
-        return decode(image.crop(crop_box(box, image.size, self.margin)), self.image_size, self.channels)
+    def preprocess(self, image: np.ndarray, box: Box) -> np.ndarray:
+        """The model's input for one face of a `load_pixels` array: margin around the box, gray or RGB,
+        resized as the training data was (fer.data.cache.decode); uint8 (C, S, S)."""
+        left, top, right, bottom = crop_box(box, (image.shape[1], image.shape[0]), self.margin)
+        return decode(image[top:bottom, left:right], self.image_size, self.channels)
 
     def probabilities(self, crops: np.ndarray) -> np.ndarray:
         """uint8 (N, C, S, S) crops -> probabilities (N, classes), `batch_size` crops per forward pass."""
@@ -218,12 +219,12 @@ class Predictor:
             result = ImageResult(source=name)
             results.append(result)
             try:
-                image = load_image(item, name)
-                result.width, result.height = image.size
+                image = load_pixels(item, name)
+                result.height, result.width = image.shape[:2]
                 boxes = self.detector(image)
                 detected = True
                 if not boxes and self.fallback == "full-image":
-                    boxes, detected = [(0, 0, image.width, image.height)], False
+                    boxes, detected = [(0, 0, result.width, result.height)], False
                 for box in boxes:
                     crops.append(self.preprocess(image, box))
                     owners.append((result, tuple(int(v) for v in box), detected))

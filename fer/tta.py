@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-MODES = ("none", "flip", "tencrop")
-NUM_VIEWS = {"none": 1, "flip": 2, "tencrop": 10}
+MODES = ("none", "flip", "shift", "tencrop")
+NUM_VIEWS = {"none": 1, "flip": 2, "shift": 10, "tencrop": 10}
 CROP_SCALE = 0.875  # torchvision's ten-crop at the usual 224/256 ratio
+SHIFT = 1 / 16  # of the side: 4 px at 64 px, inside the +-5% translations the training data saw
 
 
 def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
@@ -18,13 +19,22 @@ def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
 def views(images: Tensor, mode: str) -> list[Tensor]:
     """Float (B, C, H, W) -> the list of views to classify; each view has the input's shape.
 
-    flip: the batch and its mirror image. tencrop: four corners and the centre at 0.875 of the side,
-    and their mirror images, each resized back to (H, W) so the model sees its trained input size.
+    flip: the batch and its mirror image. shift: the batch moved by 1/16 of the side up, down, left and
+    right (edges replicated), unmoved, and the mirror images of those five: every view keeps the scale the
+    model was trained at. tencrop: four corners and the centre at 0.875 of the side, and their mirror
+    images, each resized back to (H, W) so the model sees its trained input size (but zoomed in).
     """
     if mode == "none":
         return [images]
     if mode == "flip":
         return [images, images.flip(-1)]
+    if mode == "shift":
+        h, w = images.shape[-2:]
+        p = max(1, round(min(h, w) * SHIFT))
+        padded = F.pad(images, (p, p, p, p), mode="replicate")
+        moved = [padded[..., p + dy:p + dy + h, p + dx:p + dx + w]
+                 for dy, dx in ((0, 0), (-p, 0), (p, 0), (0, -p), (0, p))]
+        return moved + [m.flip(-1) for m in moved]
     if mode == "tencrop":
         h, w = images.shape[-2:]
         ch, cw = max(1, round(h * CROP_SCALE)), max(1, round(w * CROP_SCALE))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import compose_train
-from fer.callbacks import BackboneFreeze
+from fer.callbacks import BackboneFreeze, EMAWeights
 from fer.models.classifier import FERClassifier, scheduled_lr_factor
 from fer.train import train
 
@@ -50,6 +50,59 @@ def test_freeze_trains_only_the_head_until_the_epoch_given():
         assert p.requires_grad == (id(p) in head)
     freeze.finetune_function(model, epoch=1, optimizer=None)
     assert all(p.requires_grad for p in model.net.parameters())
+
+
+def test_frozen_stages_keep_the_stem_and_first_blocks_at_their_weights():
+    model = small_model(frozen_stages=2, scheduler={"name": "none"})
+    frozen = {name for name, p in model.net.named_parameters() if not p.requires_grad}
+    assert frozen and all(name.startswith(("conv_stem.", "bn1.", "blocks.0.", "blocks.1.")) for name in frozen)
+    assert not any(p.requires_grad for p in model.net.blocks[1].parameters())
+    optimizer = model.configure_optimizers()["optimizer"]
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert in_optimizer == {id(p) for p in model.net.parameters() if p.requires_grad}
+    before = {k: v.clone() for k, v in model.net.state_dict().items()}
+    model.train()
+    loss = model._loss(model(torch.rand(4, 1, 32, 32)), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    optimizer.step()
+    after = model.net.state_dict()
+    assert torch.equal(before["conv_stem.weight"], after["conv_stem.weight"])
+    assert torch.equal(before["blocks.1.0.conv_pw.weight"], after["blocks.1.0.conv_pw.weight"])
+    assert not torch.equal(before["blocks.2.0.conv_pw.weight"], after["blocks.2.0.conv_pw.weight"])
+    assert not torch.equal(before["bn1.running_mean"], after["bn1.running_mean"])  # statistics still adapt
+    # A head-only warm-up (optim.freeze_backbone_epochs) unfreezes the body, but not the frozen stages.
+    freeze = BackboneFreeze(epochs=1)
+    freeze.freeze_before_training(model)
+    freeze.finetune_function(model, epoch=1, optimizer=None)
+    assert {name for name, p in model.net.named_parameters() if not p.requires_grad} == frozen
+    with pytest.raises(ValueError, match="frozen_stages=9: this EfficientNet has 7 blocks"):
+        small_model(frozen_stages=9)
+
+
+def test_ema_leaves_the_live_weights_in_place_until_averaging_starts():
+    model = small_model()
+    weight = model.net.get_classifier().weight
+    ema = EMAWeights(decay=0.5, update_starting_at_step=1000)
+    ema.setup(None, model, "fit")
+    with torch.no_grad():
+        weight.add_(1.0)  # training moved the weights; no averaging step yet
+    live = weight.detach().clone()
+    ema.on_validation_epoch_start(None, model)
+    assert torch.equal(weight, live)  # validated as they are, not as initialised
+    ema.on_validation_epoch_end(None, model)
+    checkpoint = {"state_dict": model.state_dict()}
+    ema.on_save_checkpoint(None, model, checkpoint)
+    assert "current_model_state" not in checkpoint and torch.equal(checkpoint["state_dict"]["net.classifier.weight"], live)
+    ema.on_train_end(None, model)
+    assert torch.equal(weight, live)
+    # Once averaging has started, validation sees the average and training resumes from the live weights.
+    ema._average_model.update_parameters(model)  # the first update copies the weights
+    with torch.no_grad():
+        weight.add_(1.0)
+    ema.on_validation_epoch_start(None, model)
+    assert torch.equal(weight, live)
+    ema.on_validation_epoch_end(None, model)
+    assert torch.equal(weight, live + 1.0)
 
 
 def test_short_fit_with_sgd_onecycle_class_weights_and_frozen_backbone(tmp_path):

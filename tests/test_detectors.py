@@ -7,7 +7,14 @@ import onnx
 import pytest
 from PIL import Image
 
-from fer.detectors.blazeface import BlazeFace, default_model_path, weighted_nms
+from fer.detectors.blazeface import (
+    BlazeFace,
+    LiteRTEngine,
+    default_model_path,
+    default_tflite_path,
+    open_engine,
+    weighted_nms,
+)
 from fer.errors import DataError
 from fer.faces import FaceDetector, load_image
 
@@ -67,10 +74,29 @@ def test_pads_fold_into_convolutions_with_identical_outputs(tmp_path):
 
 def test_missing_model_is_one_line_naming_it_and_the_fix(tmp_path):
     missing = tmp_path / "none.onnx"
-    with pytest.raises(DataError) as error:
-        BlazeFace(model_path=missing)(data.astronaut())
+    with pytest.raises(DataError) as error:  # no .tflite either: auto falls back to the ONNX file, also missing
+        BlazeFace(model_path=missing, tflite_path=tmp_path / "none.tflite")(data.astronaut())
     message = str(error.value)
     assert "\n" not in message and str(missing) in message and "tflite_to_onnx --fetch" in message
+    with pytest.raises(ValueError, match="engine 'tvm': choose one of auto, litert, onnx"):
+        BlazeFace(engine="tvm")(data.astronaut())
+
+
+def test_both_engines_find_the_same_faces():
+    pytest.importorskip("ai_edge_litert")
+    if not default_tflite_path().is_file():
+        pytest.skip(f"{default_tflite_path()} not made (python -m fer.detectors.tflite_to_onnx --fetch)")
+    assert isinstance(open_engine("auto"), LiteRTEngine)  # the faster one, where it is installed
+    squares = [BlazeFace().letterbox(picture)[0] for picture in (data.astronaut(), data.chelsea())]
+    (lite_reg, lite_scores), (onnx_reg, onnx_scores) = LiteRTEngine(default_tflite_path())(squares), \
+        open_engine("onnx")(squares)
+    assert lite_reg.shape == onnx_reg.shape == (2, 2304, 16) and lite_scores.shape == (2, 2304, 1)
+    np.testing.assert_allclose(lite_scores, onnx_scores, atol=1e-3)
+    np.testing.assert_allclose(lite_reg, onnx_reg, atol=1e-2)  # pixels of the 192 px input
+    photo = data.astronaut()
+    boxes = {engine: BlazeFace(engine=engine)(photo) for engine in ("litert", "onnx")}
+    assert len(boxes["litert"]) == len(boxes["onnx"]) == 1
+    np.testing.assert_allclose(boxes["litert"][0][0], boxes["onnx"][0][0], atol=0.05)
 
 
 def test_astronaut_face_agrees_with_haar():
@@ -104,6 +130,37 @@ def test_every_face_of_a_wide_group_photo_in_its_own_pixels():
 def test_grayscale_photo():
     gray = Image.fromarray(data.astronaut()).convert("L")
     assert len(FaceDetector(method="blazeface")(gray)) == 1
+    assert FaceDetector(method="blazeface")(np.asarray(gray)) == FaceDetector(method="blazeface")(gray)
+
+
+@pytest.mark.parametrize("method", ["blazeface", "haar"])
+def test_arrays_and_pil_images_give_the_same_boxes(method):
+    photo = data.astronaut()
+    detector = FaceDetector(method=method)
+    assert detector(photo) == detector(Image.fromarray(photo)) and len(detector(photo)) == 1
+
+
+def test_letterbox_scales_the_photo_into_a_black_square():
+    photo = data.astronaut()[:, 56:456]  # 512 x 400: padded left and right
+    square, scale, (left, top) = BlazeFace().letterbox(photo)
+    assert square.shape == (192, 192, 3) and square.dtype == np.uint8
+    assert scale == pytest.approx(192 / 512) and top == 0 and left == (192 - 150) // 2
+    assert not square[:, :left].any() and not square[:, left + 150:].any()
+    inside = square[:, left:left + 150].astype(np.float32)
+    for channel in range(3):  # the same picture, channels in the same (RGB) order
+        assert abs(inside[..., channel].mean() - photo[..., channel].mean()) < 3
+
+
+def test_onnx_engine_feeds_the_network_unit_range_nchw(monkeypatch):
+    engine = open_engine("onnx")
+    seen = {}
+    run = engine.session.run
+    monkeypatch.setattr(engine.session, "run", lambda names, feed: seen.update(feed) or run(names, feed), raising=False)
+    square = BlazeFace().letterbox(data.astronaut())[0]
+    engine([square, square])
+    blob = seen["image"]
+    assert blob.shape == (2, 3, 192, 192) and blob.dtype == np.float32
+    np.testing.assert_allclose(blob[1], (square.transpose(2, 0, 1) - 127.5) / 127.5, atol=1e-6)
 
 
 def test_weighted_nms_blends_overlaps_and_keeps_the_rest():

@@ -22,7 +22,20 @@ from fer.labels import CLASSES
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("tta", ["none", "flip", "tencrop"])
+def test_shift_views_move_the_picture_at_its_own_scale():
+    from fer.tta import NUM_VIEWS, views
+
+    image = torch.zeros(1, 1, 64, 64)
+    image[..., 30, 20] = 1.0  # one bright pixel, off centre
+    moved = views(image, "shift")
+    assert len(moved) == NUM_VIEWS["shift"] == 10 and all(v.shape == image.shape for v in moved)
+    spots = [tuple(int(i) for i in torch.nonzero(v[0, 0])[0]) for v in moved]
+    assert spots[:5] == [(30, 20), (34, 20), (26, 20), (30, 24), (30, 16)]  # 4 px = 1/16 of 64, no zoom
+    assert spots[5:] == [(y, 63 - x) for y, x in spots[:5]]  # and their mirror images
+    assert all(float(v.sum()) == 1.0 for v in moved)  # nothing rescaled or blurred
+
+
+@pytest.mark.parametrize("tta", ["none", "flip", "shift", "tencrop"])
 def test_every_tta_mode(trained_run, tmp_path, tta):
     report = evaluate(compose_eval(tmp_path, [f"ckpt_path={trained_run}", f"tta={tta}"]))
     out = tmp_path / "eval"

