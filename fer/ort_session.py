@@ -22,6 +22,10 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None, providers:
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     options.add_session_config_entry("session.force_spinning_stop", "1")
+    # Denormal floats (~1e-38) take a slow microcode path on x86; flushing them changes no probability
+    # measurably. Measured once: in a process where LiteRT had run, BlazeFace on ONNX Runtime took 6.4 ms
+    # without this and 3.2 ms with it (2.45 ms either way in a fresh process).
+    options.add_session_config_entry("session.set_denormal_as_zero", "1")
     if threads:
         options.intra_op_num_threads = int(threads)
     return ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
