@@ -154,10 +154,10 @@ class FaceDetector:
     def __call__(self, image: Image.Image | np.ndarray) -> list[Box]:
         """Face boxes of an 8-bit L/RGB image (PIL, or a `load_pixels` array), largest first (only the
         largest unless all_faces)."""
-        pixels = image if isinstance(image, np.ndarray) else np.asarray(image)
-        height, width = pixels.shape[:2]
+        height, width = image.shape[:2] if isinstance(image, np.ndarray) else image.size[::-1]
         if not self.detect:
             return [(0, 0, width, height)]
+        pixels = image if isinstance(image, np.ndarray) else np.asarray(image)  # PIL: one copy, only to detect
         found = self._blazeface_boxes(pixels) if self.method == "blazeface" else self._haar_boxes(pixels)
         boxes = []
         for x0, y0, x1, y1 in found:

@@ -72,8 +72,7 @@ class OnnxEngine:
     def __call__(self, squares: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         # (pixel - 127.5) / 127.5 into one NCHW float32 batch, in a single C++ pass.
         blob = cv2.dnn.blobFromImages(squares, scalefactor=1 / 127.5, mean=(127.5, 127.5, 127.5))
-        regressors, scores = self.session.run(["regressors", "scores"], {"image": blob})
-        return regressors, scores
+        return tuple(self.session.run(["regressors", "scores"], {"image": blob}))
 
 
 @contextlib.contextmanager
@@ -109,9 +108,8 @@ class LiteRTEngine:
             with _stderr_silenced():  # LiteRT's C++ logs "INFO: Created ... XNNPACK delegate" on every console
                 interpreter = Interpreter(model_path=self.path, num_threads=self.threads)
                 interpreter.allocate_tensors()
-            outputs = {d["name"]: d["index"] for d in interpreter.get_output_details()}
-            # Output order differs between files: the regressors are the 16-wide tensor.
-            order = sorted(outputs.values(), key=lambda i: -interpreter.get_tensor(i).shape[-1])
+            # Output order differs between files: the regressors are the 16-wide tensor, the scores 1-wide.
+            order = [d["index"] for d in sorted(interpreter.get_output_details(), key=lambda d: -d["shape"][-1])]
             self._local.interpreter = interpreter
             self._local.indices = (interpreter.get_input_details()[0]["index"], *order)
         return interpreter, self._local.indices
