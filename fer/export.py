@@ -1,12 +1,14 @@
-"""fer-export: a trained checkpoint as a self-contained ONNX or TorchScript model.
+"""fer-export: a trained checkpoint as a self-contained ONNX, TorchScript or TFLite model.
 
     fer-export --checkpoint logs/train/runs/<run> --format onnx --output fer.onnx
     fer-export --checkpoint best.ckpt --format torchscript --output fer.pt
+    fer-export --checkpoint best.ckpt --format tflite --output fer.tflite   # LiteRT: phones, and fastest on a CPU
 
 The exported model takes a batch of face crops, float32 NCHW in [0, 1] at the trained size and channel
-count (any batch size), and returns class probabilities: the normalisation (mean/std) and the softmax are
+count (any batch size; TFLite takes NHWC, its own convention), and returns class probabilities: the normalisation (mean/std) and the softmax are
 inside, and so is the calibration temperature when `fer-eval calibrate=true` stored one in the checkpoint.
-Preprocessing is recorded in the file (ONNX metadata_props; TorchScript `_extra_files["fer.json"]`).
+Preprocessing is recorded in the file (ONNX metadata_props; TorchScript `_extra_files["fer.json"]`; TFLite
+model metadata "fer.json").
 
 Every export is checked before the file is written: the exported model and PyTorch must agree on real
 faces (the checkpoint run's validation images; synthetic faces when that data is gone) within
@@ -16,6 +18,8 @@ file is left behind.
 ONNX uses torch's TorchScript-based exporter (`dynamo=False`): it needs only `onnx`, works offline, and
 gives a graph with a dynamic batch axis that ONNX Runtime runs as is. The torch.export-based exporter
 (torch's default since 2.9) needs the extra `onnxscript` package; it is used only if the other is gone.
+TFLite is converted from a static-shape ONNX export by fer.tflite_export (no TensorFlow needed) and run
+with LiteRT (`ai-edge-litert`) for the check.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from fer.ort_session import onnx_session
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("onnx", "torchscript")
+FORMATS = ("onnx", "torchscript", "tflite")
 TOLERANCE = 1e-4
 OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "faces", "probabilities"
@@ -74,16 +78,18 @@ def probability_model(model: nn.Module, temperature: float = 1.0) -> Probability
 
 
 def metadata(model: nn.Module, image_size: int, channels: int, temperature: float,
-             class_names: Sequence[str], checkpoint: str | None = None) -> dict[str, str]:
+             class_names: Sequence[str], checkpoint: str | None = None, fmt: str = "onnx") -> dict[str, str]:
     """What a user of the file needs to feed it: every value a string (ONNX metadata_props are strings)."""
     import fer
 
     hp = getattr(model, "hparams", {}) or {}
     mean = [round(float(v), 6) for v in model.mean.flatten()]
     std = [round(float(v), 6) for v in model.std.flatten()]
+    layout = (f"[batch, {image_size}, {image_size}, {channels}] (NHWC)" if fmt == "tflite"
+              else f"[batch, {channels}, {image_size}, {image_size}] (NCHW)")
     return {
         "fer.version": fer.__version__,
-        "fer.input": f"{INPUT_NAME}: float32 [batch, {channels}, {image_size}, {image_size}] (NCHW), pixel values "
+        "fer.input": f"{INPUT_NAME}: float32 {layout}, pixel values "
                      f"in [0, 1] ({'grayscale' if channels == 1 else 'RGB'}); any batch size",
         "fer.input_size": str(int(image_size)),
         "fer.channels": str(int(channels)),
@@ -160,6 +166,25 @@ def _export_onnx(module: ProbabilityModel, example: Tensor, path: Path, opset: i
                               dynamic_shapes=({0: batch},), **kwargs)
 
 
+def _export_tflite(module: ProbabilityModel, example: Tensor, path: Path, opset: int, meta: dict[str, str]) -> None:
+    """Static-shape ONNX (batch 1; LiteRT resizes the batch at run time), constants folded by ONNX Runtime,
+    then translated operator by operator (fer.tflite_export)."""
+    import tempfile
+
+    import onnx
+
+    from fer.ort_session import basic_optimise
+    from fer.tflite_export import onnx_to_tflite
+
+    with tempfile.TemporaryDirectory(prefix="fer-tflite-") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        static, folded = Path(tmp) / "static.onnx", Path(tmp) / "folded.onnx"
+        torch.onnx.export(module, (example[:1],), str(static), dynamo=False, do_constant_folding=True,
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset)
+        basic_optimise(static, folded)
+        path.write_bytes(onnx_to_tflite(onnx.load(str(folded)), meta))
+
+
 def _add_onnx_metadata(path: Path, meta: dict[str, str]) -> None:
     import onnx
 
@@ -175,8 +200,12 @@ def _add_onnx_metadata(path: Path, meta: dict[str, str]) -> None:
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The fer metadata of an exported file (.onnx, or TorchScript with fer.json)."""
+    """The fer metadata of an exported file (.onnx, .tflite, or TorchScript with fer.json)."""
     path = Path(path)
+    if path.suffix.lower() == ".tflite":
+        from fer.tflite_export import read_tflite_metadata
+
+        return read_tflite_metadata(path.read_bytes())
     if path.suffix.lower() == ".onnx":
         import onnx
 
@@ -189,11 +218,23 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     return json.loads(extra[METADATA_FILE])
 
 
+def nchw_to_nhwc(batch: np.ndarray) -> np.ndarray:
+    """fer's NCHW face batch in TFLite's NHWC layout (one channel: a free reshape)."""
+    if batch.shape[1] == 1:
+        return np.ascontiguousarray(batch, dtype=np.float32).reshape(batch.shape[0], *batch.shape[2:], 1)
+    return np.ascontiguousarray(batch.transpose(0, 2, 3, 1), dtype=np.float32)
+
+
 def _runner(fmt: str, path: Path):
     """A callable float32 array -> probabilities array, running the exported file."""
     if fmt == "onnx":
         session = onnx_session(path)
         return lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+    if fmt == "tflite":
+        from fer.litert import LiteRTModel
+
+        model = LiteRTModel(path)
+        return lambda x: model(nchw_to_nhwc(x))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         loaded = torch.jit.load(str(path), map_location="cpu").eval()
@@ -257,7 +298,7 @@ def export_model(
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     module = probability_model(model, temperature)
-    meta = metadata(model, image_size, channels, temperature, class_names, checkpoint)
+    meta = metadata(model, image_size, channels, temperature, class_names, checkpoint, fmt)
     described = "given faces"
     if faces is None:
         faces, described = synthetic_faces(32, image_size, channels), "32 synthetic faces"
@@ -271,6 +312,8 @@ def export_model(
         if fmt == "onnx":
             _export_onnx(module, example, tmp, opset)
             _add_onnx_metadata(tmp, meta)
+        elif fmt == "tflite":
+            _export_tflite(module, example, tmp, opset, meta)
         else:
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore", FutureWarning)  # torch's notices that TorchScript is deprecated
@@ -315,7 +358,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", "-c", required=True, help="a .ckpt file or a training run directory (its best)")
     p.add_argument("--format", "-f", choices=FORMATS, default=None,
-                   help="onnx or torchscript (default: from the output's extension, .onnx or .pt)")
+                   help="onnx, torchscript or tflite (default: from the output's extension, .onnx, .pt or .tflite)")
     p.add_argument("--output", "-o", required=True, type=Path, help="the file to write")
     p.add_argument("--image-size", type=int, default=None, help="input size (default: the trained size)")
     p.add_argument("--no-calibration", action="store_true", help="ignore a stored calibration temperature")
@@ -329,8 +372,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             args.format = "onnx"
         elif suffix in (".pt", ".pth", ".ts", ".torchscript"):
             args.format = "torchscript"
+        elif suffix == ".tflite":
+            args.format = "tflite"
         else:
-            p.error(f"--format is needed: cannot tell it from {args.output.name!r} (use .onnx or .pt)")
+            p.error(f"--format is needed: cannot tell it from {args.output.name!r} (use .onnx, .pt or .tflite)")
     return args
 
 

@@ -7,9 +7,10 @@
         print(face.box, face.label, face.score, face.probabilities)
 
 Face crops are made in one place (`Predictor.preprocess`), and the network is called in one method
-(`Predictor._forward`: float32 NCHW in [0, 1] -> probabilities), so another backend (ONNX) only has to
-replace `_forward`. On a CPU the network runs in ONNX Runtime by default (exported and checked against
-PyTorch when the Predictor is made); on a GPU in PyTorch.
+(`Predictor._forward`: float32 NCHW in [0, 1] -> probabilities), so another backend (ONNX Runtime, LiteRT)
+only has to replace `_forward`. On a CPU the network runs exported by default (LiteRT where ai-edge-litert
+is installed, else ONNX Runtime; exported and checked against PyTorch when the Predictor is made); on a
+GPU in PyTorch.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 
 log = logging.getLogger(__name__)
-BACKENDS = ("auto", "torch", "onnx")
+BACKENDS = ("auto", "torch", "onnx", "litert")
+EXPORT_FORMATS = {"onnx": "onnx", "litert": "tflite"}  # backend -> the fer-export format it runs
 
 
 def default_device() -> str:
@@ -94,6 +96,7 @@ class Predictor:
         fallback: str = "none",
         temperature: float = 1.0,
         backend: str = "auto",
+        exported_model: str | os.PathLike | None = None,
         onnx_model: str | os.PathLike | None = None,
     ) -> None:
         if fallback not in ("none", "full-image"):
@@ -110,7 +113,7 @@ class Predictor:
         self.margin = float(margin)
         self.fallback = fallback
         self.temperature = float(temperature)
-        self.backend, self._onnx = self._choose_backend(backend, onnx_model)
+        self.backend, self._runtime = self._choose_backend(backend, exported_model or onnx_model)
 
     @classmethod
     def from_checkpoint(
@@ -142,39 +145,53 @@ class Predictor:
     # -- the backend ------------------------------------------------------------------------------
     def _forward(self, batch: np.ndarray) -> np.ndarray:
         """float32 (N, C, H, W) in [0, 1] -> probabilities (N, classes). The only place the network runs."""
-        if self._onnx is not None:  # the exported model has normalisation, temperature and softmax inside
-            return self._onnx.run(["probabilities"], {"faces": np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        if self._runtime is not None:  # exported: normalisation, temperature and softmax are inside
+            return self._runtime(np.ascontiguousarray(batch, dtype=np.float32))
         with torch.inference_mode():
             logits = self.model(torch.from_numpy(batch).to(self.device)).float().cpu().numpy()
         return softmax(logits, self.temperature)
 
-    def _choose_backend(self, backend: str, onnx_model: str | os.PathLike | None):
-        """auto: ONNX Runtime on a CPU (~6x faster per face than eager PyTorch at batch 1), PyTorch on a GPU;
-        if the model cannot be exported, auto falls back to PyTorch with a warning."""
+    def _choose_backend(self, backend: str, exported: str | os.PathLike | None):
+        """auto: on a CPU LiteRT where ai-edge-litert is installed, else ONNX Runtime (both several times
+        faster per face than eager PyTorch at batch 1: bench/inference.py); PyTorch on a GPU. An exported
+        file picks its own runtime from its suffix. If the model cannot be exported, auto falls back to
+        PyTorch with a warning."""
+        if exported is not None and backend == "auto":
+            backend = "litert" if str(exported).lower().endswith(".tflite") else "onnx"
         if backend == "torch" or (backend == "auto" and not str(self.device).startswith("cpu")):
             return "torch", None
+        if backend == "auto":
+            from fer.litert import litert_available
+
+            backend_tried = "litert" if litert_available() else "onnx"
+        else:
+            backend_tried = backend
         try:
-            return "onnx", self._open_onnx(onnx_model)
+            return backend_tried, self._open_exported(backend_tried, exported)
         except Exception as error:  # noqa: BLE001 - any export failure: eager PyTorch still works
-            if backend == "onnx" or self.model is None:
+            if backend != "auto" or self.model is None:
                 raise
-            log.warning("ONNX Runtime unavailable for this model (%s); running it in PyTorch", one_line(error))
+            log.warning("%s unavailable for this model (%s); running it in PyTorch",
+                        "LiteRT" if backend_tried == "litert" else "ONNX Runtime", one_line(error))
             return "torch", None
 
-    def _open_onnx(self, path: str | os.PathLike | None):
-        """An ONNX Runtime session: for `path` (a fer-export .onnx file), else for this Predictor's model,
-        exported to a temporary file and checked against PyTorch (fer.export), then run from memory."""
-        from fer.export import export_model, onnx_session, read_metadata
+    def _open_exported(self, backend: str, path: str | os.PathLike | None):
+        """A function NCHW batch -> probabilities on `backend`: for `path` (a fer-export file), else for this
+        Predictor's model, exported to a temporary file and checked against PyTorch (fer.export)."""
+        from fer.export import export_model, read_metadata
 
+        fmt = EXPORT_FORMATS[backend]
         if path is None:
             if self.model is None:
-                raise ValueError("backend='onnx' needs a model or onnx_model=<file.onnx>")
+                raise ValueError(f"backend={backend!r} needs a model or exported_model=<file.{fmt}>")
             import tempfile
 
-            with tempfile.TemporaryDirectory(prefix="fer-onnx-") as tmp:
-                exported = export_model(self.model, os.path.join(tmp, "model.onnx"), "onnx", self.image_size,
+            with tempfile.TemporaryDirectory(prefix="fer-export-") as tmp:
+                exported = export_model(self.model, os.path.join(tmp, f"model.{fmt}"), fmt, self.image_size,
                                         self.channels, self.class_names, temperature=self.temperature)
-                return onnx_session(exported["output"])
+                return self._runner(backend, exported["output"])
+        if not str(path).lower().endswith(f".{fmt}"):
+            raise CheckpointError(f"{path}: backend {backend!r} runs .{fmt} files (fer-export --format {fmt})")
         meta = read_metadata(path)
         expected = {"fer.input_size": str(self.image_size), "fer.channels": str(self.channels),
                     "fer.class_names": json.dumps(self.class_names)}
@@ -183,7 +200,19 @@ class Predictor:
             wrong.append(f"temperature {meta.get('fer.temperature')} (expected {self.temperature})")
         if wrong:
             raise CheckpointError(f"{path}: not an export of this model: {', '.join(wrong)}; re-run fer-export")
-        return onnx_session(path)
+        return self._runner(backend, path)
+
+    @staticmethod
+    def _runner(backend: str, path: str | os.PathLike):
+        from fer.export import nchw_to_nhwc, onnx_session
+
+        if backend == "litert":  # the file's bytes are read now: a temporary file may go
+            from fer.litert import LiteRTModel
+
+            model = LiteRTModel(open(path, "rb").read())
+            return lambda batch: model(nchw_to_nhwc(batch))
+        session = onnx_session(path)
+        return lambda batch: session.run(["probabilities"], {"faces": batch})[0]
 
     # -- preprocessing ----------------------------------------------------------------------------
     def preprocess(self, image: np.ndarray, box: Box) -> np.ndarray:

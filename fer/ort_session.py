@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Sequence
 
 
@@ -29,3 +30,16 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None, providers:
     if threads:
         options.intra_op_num_threads = int(threads)
     return ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
+
+
+def basic_optimise(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """ONNX Runtime's basic (hardware-independent) graph optimisations, saved: constants folded, so the
+    file is small and shape arithmetic (the exporter's pad amounts) becomes plain numbers that converters
+    (fer.detectors.tflite_to_onnx, fer.tflite_export) can read."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(Path(target))
+    options.log_severity_level = 3
+    ort.InferenceSession(str(Path(source)), options, providers=["CPUExecutionProvider"])

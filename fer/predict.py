@@ -56,10 +56,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None, help="faces per forward pass (default: 32 CPU, 256 GPU)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="auto (default): ONNX Runtime on CPU (exported on the fly and checked, or --onnx-model), "
-                        "PyTorch on GPU; or force torch / onnx")
-    p.add_argument("--onnx-model", type=Path, default=None, metavar="FILE",
-                   help="with --backend onnx: a fer-export .onnx file of this checkpoint, instead of exporting it")
+                   help="auto (default): on a CPU LiteRT if installed, else ONNX Runtime (exported on the fly and "
+                        "checked, or --exported-model), PyTorch on a GPU; or force torch / onnx / litert")
+    p.add_argument("--exported-model", "--onnx-model", type=Path, default=None, metavar="FILE",
+                   help="a fer-export .onnx or .tflite file of this checkpoint, run instead of exporting it")
     p.add_argument("--quiet", "-q", action="store_true", help="no table on stdout")
     return p.parse_args(argv)
 
@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size,
                                           detector=detector, image_size=args.image_size, margin=args.margin,
                                           fallback=args.fallback, backend=args.backend,
-                                          onnx_model=args.onnx_model)
+                                          exported_model=args.exported_model)
     results: list[ImageResult] = []
     used: set[str] = set()
     for start in range(0, len(files), CHUNK):

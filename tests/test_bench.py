@@ -38,7 +38,13 @@ def test_inference_tiny(tmp_path):
                 "throughput, batch 8: ONNX Runtime", "photo (detect + classify): fer", "HSEmotion-sized B0",
                 "face detection alone"):
         assert row in out, out
-    assert "ONNX Runtime / eager, batch 1" in out and "fer photo (default: ONNX Runtime)" in out, out
+    assert "ONNX Runtime / eager, batch 1" in out, out
+    from fer.litert import litert_available
+
+    default = "LiteRT" if litert_available() else "ONNX Runtime"  # what Predictor(backend="auto") picks on a CPU
+    assert f"fer photo (default: {default})" in out and f"default backend here: {default}" in out, out
+    if litert_available():
+        assert "batch 1: LiteRT" in out and "LiteRT / eager, batch 1" in out, out
     assert "both ONNX Runtime" in out and "face detection alone (Haar cascade" in out, out
 
 

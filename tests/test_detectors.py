@@ -47,7 +47,8 @@ def test_pads_fold_into_convolutions_with_identical_outputs(tmp_path):
     torch = pytest.importorskip("torch")
     import torch.nn.functional as F
 
-    from fer.detectors.tflite_to_onnx import basic_optimise, fold_pads_into_convs
+    from fer.detectors.tflite_to_onnx import fold_pads_into_convs
+    from fer.ort_session import basic_optimise
 
     class Block(torch.nn.Module):
         def __init__(self):

