@@ -69,6 +69,7 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "torch", "onnx", "litert")
 EXPORT_FORMATS = {"onnx": "onnx", "litert": "tflite"}  # backend -> the fer-export format it runs
+RUNTIME_NAMES = {"onnx": "ONNX Runtime", "litert": "LiteRT"}
 
 
 def default_device() -> str:
@@ -154,8 +155,8 @@ class Predictor:
     def _choose_backend(self, backend: str, exported: str | os.PathLike | None):
         """auto: on a CPU LiteRT where ai-edge-litert is installed, else ONNX Runtime (both several times
         faster per face than eager PyTorch at batch 1: bench/inference.py); PyTorch on a GPU. An exported
-        file picks its own runtime from its suffix. If the model cannot be exported, auto falls back to
-        PyTorch with a warning."""
+        file picks its own runtime from its suffix. If the model cannot be exported for one runtime, auto
+        warns and tries the next, then eager PyTorch."""
         if exported is not None and backend == "auto":
             backend = "litert" if str(exported).lower().endswith(".tflite") else "onnx"
         if backend == "torch" or (backend == "auto" and not str(self.device).startswith("cpu")):
@@ -163,17 +164,18 @@ class Predictor:
         if backend == "auto":
             from fer.litert import litert_available
 
-            backend_tried = "litert" if litert_available() else "onnx"
+            candidates = ["litert", "onnx"] if litert_available() else ["onnx"]
         else:
-            backend_tried = backend
-        try:
-            return backend_tried, self._open_exported(backend_tried, exported)
-        except Exception as error:  # noqa: BLE001 - any export failure: eager PyTorch still works
-            if backend != "auto" or self.model is None:
-                raise
-            log.warning("%s unavailable for this model (%s); running it in PyTorch",
-                        "LiteRT" if backend_tried == "litert" else "ONNX Runtime", one_line(error))
-            return "torch", None
+            candidates = [backend]
+        for candidate in candidates:
+            try:
+                return candidate, self._open_exported(candidate, exported)
+            except Exception as error:  # noqa: BLE001 - any export failure: the next runtime, then PyTorch
+                if backend != "auto" or self.model is None:
+                    raise
+                log.warning("%s unavailable for this model: %s", RUNTIME_NAMES[candidate], one_line(error))
+        log.warning("running the model in eager PyTorch")
+        return "torch", None
 
     def _open_exported(self, backend: str, path: str | os.PathLike | None):
         """A function NCHW batch -> probabilities on `backend`: for `path` (a fer-export file), else for this

@@ -52,18 +52,19 @@ def new_interpreter(model: str | os.PathLike | bytes, threads: int | None = None
 
 
 class PerThreadInterpreter:
-    """One Interpreter per calling thread (an Interpreter must not be shared between threads), made on first use."""
+    """One Interpreter per calling thread (an Interpreter must not be shared between threads), made on first
+    use, with a per-thread dict beside it for what its user looks up once (tensor indices, shapes)."""
 
     def __init__(self, model: str | os.PathLike | bytes, threads: int | None = None) -> None:
         self.model = model if isinstance(model, (bytes, bytearray)) else Path(model)
         self.threads = threads or default_threads()
         self._local = threading.local()
 
-    def get(self):
-        interpreter = getattr(self._local, "interpreter", None)
-        if interpreter is None:
-            interpreter = self._local.interpreter = new_interpreter(self.model, self.threads)
-        return interpreter
+    def get(self) -> tuple[object, dict]:
+        local = self._local
+        if not hasattr(local, "interpreter"):
+            local.interpreter, local.cache = new_interpreter(self.model, self.threads), {}
+        return local.interpreter, local.cache
 
 
 class LiteRTModel:
@@ -72,23 +73,16 @@ class LiteRTModel:
 
     def __init__(self, model: str | os.PathLike | bytes, threads: int | None = None) -> None:
         self._interpreters = PerThreadInterpreter(model, threads)
-        self._local = threading.local()  # per thread: interpreter, input index, output index, input shape
-
-    def _state(self) -> list:
-        state = getattr(self._local, "state", None)
-        if state is None:  # the details are looked up once: they cost more than a small model's invoke
-            interpreter = self._interpreters.get()
-            (source,), (target,) = interpreter.get_input_details(), interpreter.get_output_details()
-            state = self._local.state = [interpreter, source["index"], target["index"], tuple(source["shape"])]
-        return state
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        state = self._state()
-        interpreter, source, target, shape = state
-        if batch.shape != shape:
-            interpreter.resize_tensor_input(source, list(batch.shape))
+        interpreter, cache = self._interpreters.get()
+        if not cache:  # the details are looked up once: they cost more than a small model's invoke
+            (source,), (target,) = interpreter.get_input_details(), interpreter.get_output_details()
+            cache.update(source=source["index"], target=target["index"], shape=tuple(source["shape"]))
+        if batch.shape != cache["shape"]:
+            interpreter.resize_tensor_input(cache["source"], list(batch.shape))
             interpreter.allocate_tensors()
-            state[3] = batch.shape
-        interpreter.set_tensor(source, np.ascontiguousarray(batch, dtype=np.float32))
+            cache["shape"] = batch.shape
+        interpreter.set_tensor(cache["source"], np.ascontiguousarray(batch, dtype=np.float32))
         interpreter.invoke()
-        return interpreter.get_tensor(target)
+        return interpreter.get_tensor(cache["target"])

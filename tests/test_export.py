@@ -170,6 +170,19 @@ def test_litert_predictor_agrees_with_pytorch_and_is_the_cpu_default(tmp_path, t
         Predictor(None, CLASSES, 48, 1, backend="onnx", exported_model=path)
 
 
+@needs_litert
+def test_auto_backend_takes_onnx_runtime_when_the_tflite_export_fails(trained_run, monkeypatch, caplog):
+    import fer.tflite_export
+    from fer.inference import Predictor
+
+    def unsupported(*args, **kwargs):
+        raise fer.tflite_export.TFLiteExportError("ONNX operator Resize (up) has no TFLite translation here")
+
+    monkeypatch.setattr(fer.tflite_export, "onnx_to_tflite", unsupported)
+    predictor = Predictor.from_checkpoint(trained_run, device="cpu")
+    assert predictor.backend == "onnx" and "LiteRT unavailable" in caplog.text and "Resize" in caplog.text
+
+
 def test_auto_backend_falls_back_to_pytorch_when_export_fails(trained_run, monkeypatch, caplog):
     import fer.export
     from fer.inference import Predictor

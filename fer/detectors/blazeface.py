@@ -75,16 +75,14 @@ class LiteRTEngine:
         if not Path(path).is_file():
             raise _missing(Path(path))
         self._interpreters = PerThreadInterpreter(path, threads)
-        self._indices: dict[int, tuple[int, int, int]] = {}  # per interpreter: input, regressors, scores
 
     def _interpreter(self):
-        interpreter = self._interpreters.get()
-        key = id(interpreter)
-        if key not in self._indices:
+        interpreter, cache = self._interpreters.get()
+        if not cache:
             # Output order differs between files: the regressors are the 16-wide tensor, the scores 1-wide.
             order = [d["index"] for d in sorted(interpreter.get_output_details(), key=lambda d: -d["shape"][-1])]
-            self._indices[key] = (interpreter.get_input_details()[0]["index"], *order)
-        return interpreter, self._indices[key]
+            cache["indices"] = (interpreter.get_input_details()[0]["index"], *order)
+        return interpreter, cache["indices"]
 
     def __call__(self, squares: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         interpreter, (image, regressors, scores) = self._interpreter()
