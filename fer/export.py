@@ -225,15 +225,16 @@ def nchw_to_nhwc(batch: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(batch.transpose(0, 2, 3, 1), dtype=np.float32)
 
 
-def _runner(fmt: str, path: Path):
-    """A callable float32 array -> probabilities array, running the exported file."""
+def exported_runner(fmt: str, path: str | os.PathLike):
+    """A callable float32 NCHW array -> probabilities array, running the exported file (the export check
+    and Predictor's exported backends both run files through this)."""
     if fmt == "onnx":
         session = onnx_session(path)
         return lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
-    if fmt == "tflite":
+    if fmt == "tflite":  # the bytes are read now: interpreters are made per thread later, the file may be gone
         from fer.litert import LiteRTModel
 
-        model = LiteRTModel(path)
+        model = LiteRTModel(Path(path).read_bytes())
         return lambda x: model(nchw_to_nhwc(x))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -262,7 +263,7 @@ def pytorch_probabilities(model: nn.Module, faces: np.ndarray, temperature: floa
 
 def verify(fmt: str, path: Path, reference: np.ndarray, faces: np.ndarray, tolerance: float) -> float:
     """Largest |p_exported - p_pytorch| over `faces`, run at full batch and at batch 1; ExportError above tolerance."""
-    run = _runner(fmt, path)
+    run = exported_runner(fmt, path)
     full = run(faces)
     singles = np.concatenate([run(faces[i:i + 1]) for i in range(min(4, len(faces)))])
     if full.shape != reference.shape:

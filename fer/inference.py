@@ -180,7 +180,7 @@ class Predictor:
     def _open_exported(self, backend: str, path: str | os.PathLike | None):
         """A function NCHW batch -> probabilities on `backend`: for `path` (a fer-export file), else for this
         Predictor's model, exported to a temporary file and checked against PyTorch (fer.export)."""
-        from fer.export import export_model, read_metadata
+        from fer.export import export_model, exported_runner, read_metadata
 
         fmt = EXPORT_FORMATS[backend]
         if path is None:
@@ -191,7 +191,7 @@ class Predictor:
             with tempfile.TemporaryDirectory(prefix="fer-export-") as tmp:
                 exported = export_model(self.model, os.path.join(tmp, f"model.{fmt}"), fmt, self.image_size,
                                         self.channels, self.class_names, temperature=self.temperature)
-                return self._runner(backend, exported["output"])
+                return exported_runner(fmt, exported["output"])
         if not str(path).lower().endswith(f".{fmt}"):
             raise CheckpointError(f"{path}: backend {backend!r} runs .{fmt} files (fer-export --format {fmt})")
         meta = read_metadata(path)
@@ -202,19 +202,7 @@ class Predictor:
             wrong.append(f"temperature {meta.get('fer.temperature')} (expected {self.temperature})")
         if wrong:
             raise CheckpointError(f"{path}: not an export of this model: {', '.join(wrong)}; re-run fer-export")
-        return self._runner(backend, path)
-
-    @staticmethod
-    def _runner(backend: str, path: str | os.PathLike):
-        from fer.export import nchw_to_nhwc, onnx_session
-
-        if backend == "litert":  # the file's bytes are read now: a temporary file may go
-            from fer.litert import LiteRTModel
-
-            model = LiteRTModel(open(path, "rb").read())
-            return lambda batch: model(nchw_to_nhwc(batch))
-        session = onnx_session(path)
-        return lambda batch: session.run(["probabilities"], {"faces": batch})[0]
+        return exported_runner(fmt, path)
 
     # -- preprocessing ----------------------------------------------------------------------------
     def preprocess(self, image: np.ndarray, box: Box) -> np.ndarray:
