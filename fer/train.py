@@ -29,7 +29,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -69,8 +69,15 @@ def is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+def build_callbacks(cfg: DictConfig, logger: Any = None) -> list[L.Callback]:
+    """The configured callbacks; without a logger, LearningRateMonitor (which refuses to run then) is left out."""
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    if not logger:
+        dropped = [c for c in callbacks if isinstance(c, LearningRateMonitor)]
+        if dropped:
+            log.info("no logger: no learning-rate curves (LearningRateMonitor needs a logger)")
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    return callbacks
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], logger: Any) -> L.Trainer:
@@ -148,8 +155,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 log.info("init_from ignored: resuming from %s, which holds newer weights", resume_from)
             else:
                 load_initial_weights(model, cfg.init_from)
-        callbacks = build_callbacks(cfg)
         logger = instantiate(cfg.logger) if cfg.get("logger") else False
+        callbacks = build_callbacks(cfg, logger)
         trainer = build_trainer(cfg, callbacks, logger)
         log.info("training starts (%s)", f"resuming from {resume_from}" if resume_from else "fresh")
         trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)

@@ -53,3 +53,16 @@ def test_seeded_runs_repeat():
     torch.manual_seed(3)
     b = aug(faces())
     assert torch.equal(a, b)
+
+
+def test_output_size_samples_the_same_warp_on_a_coarser_grid():
+    x = faces(size=64)
+    flip = BatchAugment(hflip=1.0, rotate_degrees=0, scale=(1, 1), translate=0, erase_p=0, output_size=48)
+    out = flip(x)
+    assert out.shape == (16, 1, 48, 48)
+    # the stripe covers the left quarter of the input, so the right quarter of the mirrored output
+    assert out[..., -10:].min() > 0.99 and out[..., :34].max() < 0.01
+    off = BatchAugment(hflip=0, rotate_degrees=0, scale=(1, 1), translate=0, erase_p=0, output_size=48)
+    assert off(x).shape == (16, 1, 48, 48)  # resized even when no warp runs
+    # the same picture as the warped path, up to the resampling at the stripe's edge
+    assert (off(x).flip(-1) - out).abs().mean() < 0.02

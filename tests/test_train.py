@@ -93,6 +93,14 @@ def test_second_run_reuses_the_cache_without_decoding(fitted, tmp_path, monkeypa
     assert train(again)["epochs_completed"] == 1
 
 
+def test_fit_without_a_logger_still_checkpoints(tmp_path):
+    # `~logger` drops TensorBoard; the default callbacks must not need it (LearningRateMonitor refuses to run).
+    summary = train(compose_train(tmp_path, ["~logger", "trainer.max_epochs=1"]))
+    assert summary["log_dir"] is None and summary["epochs_completed"] == 1
+    assert Path(summary["last_model_path"]).is_file()
+    assert not list(tmp_path.rglob("events.out.*"))
+
+
 def test_bad_data_stops_before_training_with_one_line(tmp_path):
     root = tmp_path / "faces"
     (root / "train" / "happy").mkdir(parents=True)

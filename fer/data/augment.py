@@ -44,6 +44,7 @@ class BatchAugment(nn.Module):
         erase_p: float = 0.25,
         erase_area: tuple[float, float] = (0.02, 0.15),
         padding_mode: str = "reflection",
+        output_size: int | None = None,
     ) -> None:
         super().__init__()
         self.hflip = hflip
@@ -53,10 +54,14 @@ class BatchAugment(nn.Module):
         self.erase_p = erase_p
         self.erase_area = tuple(erase_area)
         self.padding_mode = padding_mode
+        # None: the input's size. Smaller: the same warp sampled on a coarser grid (progressive resizing).
+        self.output_size = output_size
 
     def forward(self, images: Tensor) -> Tensor:
         x = to_float(images)
         x = self._affine(x)
+        if self.output_size and x.shape[-1] != self.output_size:  # the warp was a no-op and kept the input size
+            x = F.interpolate(x, size=(self.output_size,) * 2, mode="bilinear", antialias=True, align_corners=False)
         if self.erase_p > 0:
             x = self._erase(x)
         return x
@@ -75,7 +80,8 @@ class BatchAugment(nn.Module):
         theta = torch.stack(
             [torch.stack([cos * flip, -sin, shift[:, 0]], 1), torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1
         )
-        return F.grid_sample(x, _affine_grid(theta, x.shape[-2], x.shape[-1]), mode="bilinear",
+        h, w = (self.output_size,) * 2 if self.output_size else x.shape[-2:]
+        return F.grid_sample(x, _affine_grid(theta, h, w), mode="bilinear",
                              padding_mode=self.padding_mode, align_corners=False)
 
     def _erase(self, x: Tensor) -> Tensor:
@@ -105,4 +111,5 @@ class BatchAugment(nn.Module):
         return (
             f"hflip={self.hflip}, rotate_degrees={self.rotate_degrees}, scale={self.scale}, "
             f"translate={self.translate}, erase_p={self.erase_p}"
+            + (f", output_size={self.output_size}" if self.output_size else "")
         )
