@@ -72,10 +72,8 @@ def is_multirun() -> bool:
 def build_callbacks(cfg: DictConfig, logger: Any = None) -> list[L.Callback]:
     """The configured callbacks; without a logger, LearningRateMonitor (which refuses to run then) is left out."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    if not logger:
-        dropped = [c for c in callbacks if isinstance(c, LearningRateMonitor)]
-        if dropped:
-            log.info("no logger: no learning-rate curves (LearningRateMonitor needs a logger)")
+    if not logger and any(isinstance(c, LearningRateMonitor) for c in callbacks):
+        log.info("no logger: no learning-rate curves (LearningRateMonitor needs a logger)")
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     return callbacks
 
