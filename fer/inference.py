@@ -28,6 +28,8 @@ from fer.checkpoint import LoadedCheckpoint, load_checkpoint, load_classifier
 from fer.data.cache import decode
 from fer.errors import CheckpointError, DataError
 from fer.faces import Box, FaceDetector, ImageError, ImageInput, crop_box, load_pixels
+from fer.tta import MODES as TTA_MODES
+from fer.tta import NUM_VIEWS, views
 from fer.utils import one_line
 
 __all__ = ["Face", "ImageResult", "Predictor", "load_classifier", "load_checkpoint", "softmax"]
@@ -99,7 +101,10 @@ class Predictor:
         backend: str = "auto",
         exported_model: str | os.PathLike | None = None,
         onnx_model: str | os.PathLike | None = None,
+        tta: str = "none",
     ) -> None:
+        if tta not in TTA_MODES:
+            raise ValueError(f"tta={tta!r}: expected one of {', '.join(TTA_MODES)}")
         if fallback not in ("none", "full-image"):
             raise ValueError(f"fallback={fallback!r}: expected 'none' or 'full-image'")
         if backend not in BACKENDS:
@@ -114,6 +119,7 @@ class Predictor:
         self.margin = float(margin)
         self.fallback = fallback
         self.temperature = float(temperature)
+        self.tta = tta  # fer.tta views of every crop, their probabilities averaged (as fer-eval tta=...)
         self.backend, self._runtime = self._choose_backend(backend, exported_model or onnx_model)
 
     @classmethod
@@ -212,12 +218,21 @@ class Predictor:
         return decode(image[top:bottom, left:right], self.image_size, self.channels)
 
     def probabilities(self, crops: np.ndarray) -> np.ndarray:
-        """uint8 (N, C, S, S) crops -> probabilities (N, classes), `batch_size` crops per forward pass."""
+        """uint8 (N, C, S, S) crops -> probabilities (N, classes), `batch_size` images per forward pass
+        (with TTA, each crop's views count: the forward pass stays the size the backend was tuned for)."""
         if len(crops) == 0:
             return np.zeros((0, len(self.class_names)), dtype=np.float32)
-        out = [self._forward(crops[i:i + self.batch_size].astype(np.float32) / 255.0)
-               for i in range(0, len(crops), self.batch_size)]
-        return np.concatenate(out)
+        step = max(1, self.batch_size // NUM_VIEWS[self.tta])
+        return np.concatenate([self._with_tta(crops[i:i + step].astype(np.float32) / 255.0)
+                               for i in range(0, len(crops), step)])
+
+    def _with_tta(self, batch: np.ndarray) -> np.ndarray:
+        """(n, C, S, S) in [0, 1] -> probabilities (n, classes): the mean over this Predictor's TTA views."""
+        if self.tta == "none":
+            return self._forward(batch)
+        batch_views = views(torch.from_numpy(batch), self.tta)
+        probs = self._forward(torch.cat(batch_views).numpy())
+        return probs.reshape(len(batch_views), len(batch), -1).mean(axis=0)
 
     # -- the public call --------------------------------------------------------------------------
     def predict(self, images: ImageInput | Iterable[ImageInput], errors: str = "raise"):

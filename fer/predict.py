@@ -23,6 +23,7 @@ from typing import Iterable
 from fer.errors import FERError
 from fer.faces import DETECTORS, FaceDetector, load_image
 from fer.inference import BACKENDS, ImageResult, Predictor
+from fer.tta import MODES as TTA_MODES
 from fer.utils import err_console
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -60,6 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "checked, or --exported-model), PyTorch on a GPU; or force torch / onnx / litert")
     p.add_argument("--exported-model", "--onnx-model", type=Path, default=None, metavar="FILE",
                    help="a fer-export .onnx or .tflite file of this checkpoint, run instead of exporting it")
+    p.add_argument("--tta", choices=TTA_MODES, default="none",
+                   help="test-time augmentation as in fer-eval: each face's probabilities averaged over its "
+                        "views (flip: 2, shift: 10, shift_rotate: 14, tencrop: 10; default none: 1 view)")
     p.add_argument("--quiet", "-q", action="store_true", help="no table on stdout")
     return p.parse_args(argv)
 
@@ -135,6 +139,7 @@ def write_json(path: Path, results: list[ImageResult], predictor: Predictor, che
         "classes": predictor.class_names,
         "image_size": predictor.image_size,
         "temperature": predictor.temperature,
+        "tta": predictor.tta,
         "images": [r.to_dict() for r in results],
     }
     path.write_text(json.dumps(payload, indent=2) + "\n")
@@ -187,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size,
                                           detector=detector, image_size=args.image_size, margin=args.margin,
                                           fallback=args.fallback, backend=args.backend,
-                                          exported_model=args.exported_model)
+                                          exported_model=args.exported_model, tta=args.tta)
     results: list[ImageResult] = []
     used: set[str] = set()
     for start in range(0, len(files), CHUNK):

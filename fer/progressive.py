@@ -56,6 +56,13 @@ class ProgressiveResize(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics({"train/image_size": size}, step=trainer.global_step)
 
+    # Saved in checkpoints, so a run resumed mid-ramp does not step back to a smaller size for an epoch.
+    def state_dict(self) -> dict[str, int | None]:
+        return {"current_size": self.current_size}
+
+    def load_state_dict(self, state_dict: dict[str, int | None]) -> None:
+        self.current_size = state_dict.get("current_size")
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.datamodule is not None:
             trainer.datamodule.augment.output_size = None

@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-MODES = ("none", "flip", "shift", "tencrop")
-NUM_VIEWS = {"none": 1, "flip": 2, "shift": 10, "tencrop": 10}
+MODES = ("none", "flip", "shift", "shift_rotate", "tencrop")
+NUM_VIEWS = {"none": 1, "flip": 2, "shift": 10, "shift_rotate": 14, "tencrop": 10}
 CROP_SCALE = 0.875  # torchvision's ten-crop at the usual 224/256 ratio
 SHIFT = 1 / 16  # of the side: 4 px at 64 px, inside the +-5% translations the training data saw
+ROTATE_DEGREES = 5.0  # half the +-10 degrees the training data saw: faces tilt a little, both ways
 
 
 def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def _rotate(x: Tensor, degrees: float) -> Tensor:
+    """Rotate about the centre, the border reflected as in training (fer.data.augment.BatchAugment)."""
+    a = math.radians(degrees)
+    theta = x.new_tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]])
+    grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
 def views(images: Tensor, mode: str) -> list[Tensor]:
@@ -23,11 +34,15 @@ def views(images: Tensor, mode: str) -> list[Tensor]:
     right (edges replicated), unmoved, and the mirror images of those five: every view keeps the scale the
     model was trained at. tencrop: four corners and the centre at 0.875 of the side, and their mirror
     images, each resized back to (H, W) so the model sees its trained input size (but zoomed in).
+    shift_rotate: the ten shift views, plus the batch turned 5 degrees each way and their mirror images.
     """
     if mode == "none":
         return [images]
     if mode == "flip":
         return [images, images.flip(-1)]
+    if mode == "shift_rotate":
+        turned = [_rotate(images, d) for d in (ROTATE_DEGREES, -ROTATE_DEGREES)]
+        return views(images, "shift") + turned + [t.flip(-1) for t in turned]
     if mode == "shift":
         h, w = images.shape[-2:]
         p = max(1, round(min(h, w) * SHIFT))

@@ -35,7 +35,27 @@ def test_shift_views_move_the_picture_at_its_own_scale():
     assert all(float(v.sum()) == 1.0 for v in moved)  # nothing rescaled or blurred
 
 
-@pytest.mark.parametrize("tta", ["none", "flip", "shift", "tencrop"])
+def test_shift_rotate_adds_turned_views_about_the_centre():
+    from fer.tta import NUM_VIEWS, ROTATE_DEGREES, views
+
+    ys, xs = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    image = torch.exp(-((ys - 31.5) ** 2 + (xs - 51.5) ** 2) / 8).view(1, 1, 64, 64)  # a blob 20 px right of centre
+    out = views(image, "shift_rotate")
+    assert len(out) == NUM_VIEWS["shift_rotate"] == 14 and all(v.shape == image.shape for v in out)
+    assert all(torch.equal(a, b) for a, b in zip(out[:10], views(image, "shift")))
+
+    def centre_of_mass(v):
+        w = v[0, 0] / v.sum()
+        return float((w * ys).sum()), float((w * xs).sum())
+
+    (y1, x1), (y2, x2) = centre_of_mass(out[10]), centre_of_mass(out[11])
+    drop = 20 * np.sin(np.radians(ROTATE_DEGREES))  # 1.7 px: the blob swings up one way, down the other
+    assert abs(y1 - 31.5) == pytest.approx(drop, abs=0.2) and (y1 - 31.5) * (y2 - 31.5) < 0
+    assert x1 == pytest.approx(51.5, abs=0.3) and x2 == pytest.approx(51.5, abs=0.3)
+    assert torch.equal(out[12], out[10].flip(-1)) and torch.equal(out[13], out[11].flip(-1))
+
+
+@pytest.mark.parametrize("tta", ["none", "flip", "shift", "shift_rotate", "tencrop"])
 def test_every_tta_mode(trained_run, tmp_path, tta):
     report = evaluate(compose_eval(tmp_path, [f"ckpt_path={trained_run}", f"tta={tta}"]))
     out = tmp_path / "eval"

@@ -102,6 +102,34 @@ def test_inputs_of_every_kind_in_one_forward_pass(predictor, astronaut_jpeg, mon
     assert p[2] == pytest.approx(p[3], abs=1e-4)  # uint8 and float arrays are the same picture
 
 
+@pytest.mark.parametrize("tta", ["flip", "shift"])
+def test_tta_averages_the_views_fer_eval_averages(predictor, trained_run, astronaut_jpeg, monkeypatch, tta):
+    from fer.tta import NUM_VIEWS, average_probabilities, tta_logits
+
+    pixels = load_pixels(astronaut_jpeg)
+    crop = predictor.preprocess(pixels, predictor.detector(pixels)[0])
+    crops = np.stack([crop, crop[..., ::-1]])  # two faces: the astronaut and her mirror image
+    eager = Predictor.from_checkpoint(trained_run, backend="torch", batch_size=4, tta=tta)
+    calls = []
+    forward = eager._forward
+    monkeypatch.setattr(eager, "_forward", lambda batch: calls.append(len(batch)) or forward(batch))
+    got = eager.probabilities(crops)
+    # What fer-eval tta=... computes for the same pixels: the numbers its accuracy was measured with.
+    x = torch.from_numpy(crops.astype(np.float32) / 255.0)
+    expected = average_probabilities(tta_logits(eager.model, x, tta), eager.temperature).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert got.shape == (2, len(CLASSES)) and np.allclose(got.sum(1), 1.0, atol=1e-5)
+    # batch_size counts views: flip fits both faces (2 x 2 views) in one pass, shift takes one face a pass.
+    assert calls == ([4] if tta == "flip" else [NUM_VIEWS["shift"]] * 2)
+    if tta == "flip":  # a face and its mirror image have the same flip-averaged probabilities
+        np.testing.assert_allclose(got[0], got[1], atol=1e-5)
+    assert not np.allclose(got, eager._forward(crops.astype(np.float32) / 255.0), atol=1e-4)  # views matter
+    monkeypatch.setattr(predictor, "tta", tta)  # the exported default backend averages the same views
+    np.testing.assert_allclose(predictor.probabilities(crops), expected, atol=1e-4)
+    with pytest.raises(ValueError, match="tta='mirror'"):
+        Predictor.from_checkpoint(trained_run, backend="torch", tta="mirror")
+
+
 def test_face_crops_are_the_training_decode_of_the_photo_region(predictor, astronaut_jpeg):
     from skimage import data
 

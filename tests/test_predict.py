@@ -75,6 +75,16 @@ def test_no_face_reported_then_fallback(trained_run, tmp_path, capsys):
     assert code == 0 and len(faces) == 1 and faces[0]["box"] == [0, 0, 256, 200] and not faces[0]["detected"]
 
 
+def test_tta_option_reaches_the_predictor(trained_run, astronaut_jpeg, tmp_path, capsys):
+    from fer.inference import Predictor
+
+    code, _ = _run([astronaut_jpeg, "--checkpoint", trained_run, "--tta", "flip", "--json", tmp_path / "r.json"], capsys)
+    report = json.loads((tmp_path / "r.json").read_text())
+    expected = Predictor.from_checkpoint(trained_run, tta="flip").predict(astronaut_jpeg).faces[0].probabilities
+    assert code == 0 and report["tta"] == "flip"
+    assert report["images"][0]["faces"][0]["probabilities"] == pytest.approx(expected, abs=1e-5)
+
+
 def test_options_globs_and_bad_inputs(trained_run, astronaut_jpeg, tmp_path, capsys, monkeypatch):
     (tmp_path / "a.jpg").write_bytes(astronaut_jpeg.read_bytes())
     (tmp_path / "b.jpg").write_bytes(astronaut_jpeg.read_bytes())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import compose_train
@@ -55,3 +56,9 @@ def test_fit_trains_small_then_full_size_and_validates_at_full_size(tmp_path):
     events.Reload()
     assert [int(e.value) for e in events.Scalars("train/image_size")] == [32, 40, 48, 48]
     assert len(events.Scalars("val/acc")) == 4 and summary["best_val_acc"] > 0.3  # learned, chance is 1/7
+    # The size trained at last travels in the checkpoint, so a resumed run does not shrink its images.
+    checkpoint = torch.load(next((tmp_path / "run").rglob("last.ckpt")), map_location="cpu", weights_only=False)
+    [state] = [v for k, v in checkpoint["callbacks"].items() if k.startswith("ProgressiveResize")]
+    resumed = ProgressiveResize(start_size=32, step=8, fraction=0.5)
+    resumed.load_state_dict(state)
+    assert state == {"current_size": 48} and resumed.size_at(1, 4, 48) == 48  # epoch 1 alone would train at 40
