@@ -29,7 +29,7 @@ from fer.data.cache import decode
 from fer.errors import CheckpointError, DataError
 from fer.faces import Box, FaceDetector, ImageError, ImageInput, crop_box, load_pixels
 from fer.tta import MODES as TTA_MODES
-from fer.tta import NUM_VIEWS, views
+from fer.tta import NUM_VIEWS, per_view
 from fer.utils import one_line
 
 __all__ = ["Face", "ImageResult", "Predictor", "load_classifier", "load_checkpoint", "softmax"]
@@ -230,9 +230,8 @@ class Predictor:
         """(n, C, S, S) in [0, 1] -> probabilities (n, classes): the mean over this Predictor's TTA views."""
         if self.tta == "none":
             return self._forward(batch)
-        batch_views = views(torch.from_numpy(batch), self.tta)
-        probs = self._forward(torch.cat(batch_views).numpy())
-        return probs.reshape(len(batch_views), len(batch), -1).mean(axis=0)
+        probs = per_view(lambda x: torch.from_numpy(self._forward(x.numpy())), torch.from_numpy(batch), self.tta)
+        return probs.mean(dim=1).numpy()
 
     # -- the public call --------------------------------------------------------------------------
     def predict(self, images: ImageInput | Iterable[ImageInput], errors: str = "raise"):

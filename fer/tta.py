@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -60,13 +61,18 @@ def views(images: Tensor, mode: str) -> list[Tensor]:
     raise ValueError(f"tta={mode!r}: expected one of {', '.join(MODES)}")
 
 
+def per_view(run: Callable[[Tensor], Tensor], images: Tensor, mode: str) -> Tensor:
+    """`run` (a batch -> (N, classes) scores) on every view of every image: (B, V, classes)."""
+    batch = views(images, mode)
+    # One call over all views: cheaper than one per view on every backend, CPU and GPU.
+    scores = run(torch.cat(batch).contiguous())
+    return scores.view(len(batch), images.shape[0], -1).transpose(0, 1)
+
+
 @torch.inference_mode()
 def tta_logits(model: torch.nn.Module, images: Tensor, mode: str) -> Tensor:
     """Logits of every view: (B, V, classes). Kept per view so a temperature can be applied before averaging."""
-    batch = views(images, mode)
-    # One forward pass over all views: cheaper than one per view on both CPU and GPU.
-    logits = model(torch.cat(batch).contiguous())
-    return logits.view(len(batch), images.shape[0], -1).transpose(0, 1)
+    return per_view(model, images, mode)
 
 
 def average_probabilities(logits: Tensor, temperature: float = 1.0) -> Tensor:
