@@ -386,6 +386,8 @@ def configure_environment(temp: Path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from fer.tta import MODES as TTA_MODES
+
     parser = argparse.ArgumentParser(
         prog="fer-demo", description="Serve a local browser demo of a fer checkpoint (Gradio).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -400,7 +402,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="largest image accepted, in megapixels (decompression-bomb guard)")
     parser.add_argument("--no-recompute", action="store_true",
                         help="do not recompute the confusion matrix when the run logged none")
+    parser.add_argument("--tta", choices=TTA_MODES, default="none",
+                        help="average each face's probabilities over test-time views, as fer-eval tta=... "
+                             "(shift_rotate: the FER2013 recipe's; costs 14 forward views per face)")
     return parser.parse_args(argv)
+
+
+def build_predictor(args: argparse.Namespace) -> Any:
+    """The demo's Predictor for the parsed command line."""
+    from fer.inference import Predictor
+
+    return Predictor.from_checkpoint(args.checkpoint, device=args.device, tta=args.tta)
 
 
 def _raise_interrupt(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
@@ -411,12 +423,11 @@ def _raise_interrupt(signum, frame) -> None:  # noqa: ARG001 - signal handler si
 def serve(args: argparse.Namespace, temp: Path) -> None:
     from fer.checkpoint import resolve_checkpoint, run_dir_of
     from fer.demo_card import build_card
-    from fer.inference import Predictor
 
     limits = Limits(max_bytes=int(args.max_upload_mb * 2**20), max_pixels=int(args.max_megapixels * 1e6))
     checkpoint = resolve_checkpoint(args.checkpoint)
     run_dir = run_dir_of(checkpoint)
-    predictor = Predictor.from_checkpoint(checkpoint, device=args.device)
+    predictor = build_predictor(args)
     model = DemoModel(predictor)
     card = build_card(checkpoint, run_dir, model.class_names, predictor.image_size,
                       None if args.no_recompute else model.labels)
@@ -424,6 +435,7 @@ def serve(args: argparse.Namespace, temp: Path) -> None:
     best = card.facts.get("best_val_acc")
     title = (f"Model `{card.facts.get('backbone') or 'fer'}` from `{run_dir or checkpoint}`"
              + ("" if best is None else f", validation accuracy {100 * best:.1f} %")
+             + ("" if predictor.tta == "none" else f", test-time augmentation `{predictor.tta}`")
              + ". Everything runs on this machine; uploads stay in a temporary folder deleted when the app stops.")
     app = build_app(model, card, examples, limits, title)
     app.queue(default_concurrency_limit=1, max_size=32)

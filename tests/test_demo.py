@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fer.demo import MODE_ALL, MODE_NONE, DemoModel, Limits, UploadError, analyse, open_upload
+from fer.demo import (MODE_ALL, MODE_NONE, DemoModel, Limits, UploadError, analyse, build_predictor, open_upload,
+                      parse_args)
 from fer.demo_card import build_card
 from fer.labels import CLASSES
 
@@ -126,6 +127,24 @@ def test_model_card_recomputes_a_missing_confusion_matrix(demo_model, copy_run):
     assert card.confusion is not None and card.confusion_note.startswith("Recomputed"), card.confusion_note
     card = build_card(resolve_checkpoint(run), run, demo_model.class_names, 48, None)
     assert card.confusion is None and "No confusion matrix" in card.confusion_note
+
+
+def test_tta_option_reaches_the_demo(trained_run, astronaut_jpeg, demo_model, capsys):
+    from fer.inference import Predictor
+
+    photo = {"path": str(astronaut_jpeg)}
+    flip_model = DemoModel(build_predictor(parse_args(["--checkpoint", str(trained_run), "--tta", "flip"])))
+    assert flip_model.predictor.tta == "flip"
+    _, flip_label, _, _ = analyse(flip_model, Limits(), photo, MODE_ALL, 30)
+    _, single_label, _, _ = analyse(demo_model, Limits(), photo, MODE_ALL, 30)
+    _, expected, _, _ = analyse(DemoModel(Predictor.from_checkpoint(trained_run, tta="flip")), Limits(), photo,
+                                MODE_ALL, 30)
+    assert flip_label == pytest.approx(expected, abs=1e-6)
+    assert flip_label != pytest.approx(single_label, abs=1e-6)  # the mirror view changed the average
+
+    with pytest.raises(SystemExit):
+        parse_args(["--checkpoint", str(trained_run), "--tta", "sideways"])
+    assert "invalid choice: 'sideways'" in capsys.readouterr().err
 
 
 def test_cli_bad_checkpoint_is_one_line(tmp_path):
