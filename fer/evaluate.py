@@ -39,7 +39,7 @@ from fer.errors import CheckpointError, DataError
 from fer.labels import canonical
 from fer.plots import confusion_matrix_figure
 from fer.summary import scalar
-from fer.tta import MODES, NUM_VIEWS, average_probabilities, tta_logits
+from fer.tta import NUM_VIEWS, average_probabilities, check_mode, tta_logits
 from fer.utils import CONFIG_DIR, one_line_errors
 
 log = logging.getLogger("fer.evaluate")
@@ -174,8 +174,7 @@ def report_table(report: dict[str, Any]) -> Table:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate `cfg.ckpt_path` as `cfg` says; writes report.json and confusion_matrix.png, returns the report."""
     started = time.perf_counter()
-    if cfg.tta not in MODES:
-        raise DataError(f"tta={cfg.tta!r}: expected one of {', '.join(MODES)}")
+    check_mode(cfg.tta)
     if cfg.split not in ("test", "val"):
         raise DataError(f"split={cfg.split!r}: expected test or val")
     out_dir = Path(cfg.paths.output_dir)

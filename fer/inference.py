@@ -28,8 +28,7 @@ from fer.checkpoint import LoadedCheckpoint, load_checkpoint, load_classifier
 from fer.data.cache import decode
 from fer.errors import CheckpointError, DataError
 from fer.faces import Box, FaceDetector, ImageError, ImageInput, crop_box, load_pixels
-from fer.tta import MODES as TTA_MODES
-from fer.tta import NUM_VIEWS, per_view
+from fer.tta import NUM_VIEWS, check_mode, per_view
 from fer.utils import one_line
 
 __all__ = ["Face", "ImageResult", "Predictor", "load_classifier", "load_checkpoint", "softmax"]
@@ -103,8 +102,6 @@ class Predictor:
         onnx_model: str | os.PathLike | None = None,
         tta: str = "none",
     ) -> None:
-        if tta not in TTA_MODES:
-            raise ValueError(f"tta={tta!r}: expected one of {', '.join(TTA_MODES)}")
         if fallback not in ("none", "full-image"):
             raise ValueError(f"fallback={fallback!r}: expected 'none' or 'full-image'")
         if backend not in BACKENDS:
@@ -119,7 +116,7 @@ class Predictor:
         self.margin = float(margin)
         self.fallback = fallback
         self.temperature = float(temperature)
-        self.tta = tta  # fer.tta views of every crop, their probabilities averaged (as fer-eval tta=...)
+        self.tta = check_mode(tta)  # fer.tta views of every crop, their probabilities averaged (as fer-eval tta=...)
         self.backend, self._runtime = self._choose_backend(backend, exported_model or onnx_model)
 
     @classmethod

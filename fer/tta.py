@@ -9,11 +9,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fer.errors import DataError
+
 MODES = ("none", "flip", "shift", "shift_rotate", "tencrop")
 NUM_VIEWS = {"none": 1, "flip": 2, "shift": 10, "shift_rotate": 14, "tencrop": 10}
 CROP_SCALE = 0.875  # torchvision's ten-crop at the usual 224/256 ratio
 SHIFT = 1 / 16  # of the side: 4 px at 64 px, inside the +-5% translations the training data saw
 ROTATE_DEGREES = 5.0  # half the +-10 degrees the training data saw: faces tilt a little, both ways
+
+
+def check_mode(mode: str) -> str:
+    """`mode` if fer knows it; else a one-line DataError (a ValueError) naming the choices."""
+    if mode not in MODES:
+        raise DataError(f"tta={mode!r}: expected one of {', '.join(MODES)}")
+    return mode
 
 
 def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
@@ -37,7 +46,7 @@ def views(images: Tensor, mode: str) -> list[Tensor]:
     images, each resized back to (H, W) so the model sees its trained input size (but zoomed in).
     shift_rotate: the ten shift views, plus the batch turned 5 degrees each way and their mirror images.
     """
-    if mode == "none":
+    if check_mode(mode) == "none":
         return [images]
     if mode == "flip":
         return [images, images.flip(-1)]
@@ -51,14 +60,12 @@ def views(images: Tensor, mode: str) -> list[Tensor]:
         moved = [padded[..., p + dy:p + dy + h, p + dx:p + dx + w]
                  for dy, dx in ((0, 0), (-p, 0), (p, 0), (0, -p), (0, p))]
         return moved + [m.flip(-1) for m in moved]
-    if mode == "tencrop":
-        h, w = images.shape[-2:]
-        ch, cw = max(1, round(h * CROP_SCALE)), max(1, round(w * CROP_SCALE))
-        top, left = (h - ch) // 2, (w - cw) // 2
-        corners = [(0, 0), (0, w - cw), (h - ch, 0), (h - ch, w - cw), (top, left)]
-        crops = [_resize(images[..., y:y + ch, x:x + cw], (h, w)) for y, x in corners]
-        return crops + [c.flip(-1) for c in crops]
-    raise ValueError(f"tta={mode!r}: expected one of {', '.join(MODES)}")
+    h, w = images.shape[-2:]  # tencrop
+    ch, cw = max(1, round(h * CROP_SCALE)), max(1, round(w * CROP_SCALE))
+    top, left = (h - ch) // 2, (w - cw) // 2
+    corners = [(0, 0), (0, w - cw), (h - ch, 0), (h - ch, w - cw), (top, left)]
+    crops = [_resize(images[..., y:y + ch, x:x + cw], (h, w)) for y, x in corners]
+    return crops + [c.flip(-1) for c in crops]
 
 
 def per_view(run: Callable[[Tensor], Tensor], images: Tensor, mode: str) -> Tensor:

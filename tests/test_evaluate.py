@@ -33,6 +33,8 @@ def test_shift_views_move_the_picture_at_its_own_scale():
     assert spots[:5] == [(30, 20), (34, 20), (26, 20), (30, 24), (30, 16)]  # 4 px = 1/16 of 64, no zoom
     assert spots[5:] == [(y, 63 - x) for y, x in spots[:5]]  # and their mirror images
     assert all(float(v.sum()) == 1.0 for v in moved)  # nothing rescaled or blurred
+    with pytest.raises(ValueError, match="tta='mirror': expected one of none, flip"):
+        views(image, "mirror")
 
 
 def test_shift_rotate_adds_turned_views_about_the_centre():
