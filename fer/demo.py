@@ -408,11 +408,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_predictor(args: argparse.Namespace) -> Any:
-    """The demo's Predictor for the parsed command line."""
+def build_predictor(checkpoint: str | Path, args: argparse.Namespace) -> Any:
+    """The demo's Predictor: `checkpoint` as the caller resolved it (the file its model card describes)."""
     from fer.inference import Predictor
 
-    return Predictor.from_checkpoint(args.checkpoint, device=args.device, tta=args.tta)
+    return Predictor.from_checkpoint(checkpoint, device=args.device, tta=args.tta)
 
 
 def _raise_interrupt(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
@@ -427,7 +427,7 @@ def serve(args: argparse.Namespace, temp: Path) -> None:
     limits = Limits(max_bytes=int(args.max_upload_mb * 2**20), max_pixels=int(args.max_megapixels * 1e6))
     checkpoint = resolve_checkpoint(args.checkpoint)
     run_dir = run_dir_of(checkpoint)
-    predictor = build_predictor(args)
+    predictor = build_predictor(checkpoint, args)
     model = DemoModel(predictor)
     card = build_card(checkpoint, run_dir, model.class_names, predictor.image_size,
                       None if args.no_recompute else model.labels)

@@ -39,7 +39,7 @@ from fer.errors import CheckpointError, DataError
 from fer.labels import canonical
 from fer.plots import confusion_matrix_figure
 from fer.summary import scalar
-from fer.tta import NUM_VIEWS, average_probabilities, check_mode, tta_logits
+from fer.tta import average_probabilities, check_mode, images_per_pass, tta_logits
 from fer.utils import CONFIG_DIR, one_line_errors
 
 log = logging.getLogger("fer.evaluate")
@@ -118,7 +118,7 @@ def pick_device(device: str) -> torch.device:
 def all_logits(model: torch.nn.Module, images: np.ndarray, tta: str, batch_size: int, device: torch.device) -> torch.Tensor:
     """(N, views, classes) logits of uint8 (N, C, H, W) images; `batch_size` counts views, not images."""
     model = model.to(device).eval()
-    step = max(1, batch_size // NUM_VIEWS[tta])
+    step = images_per_pass(batch_size, tta)
     out = []
     for start in range(0, len(images), step):
         batch = torch.from_numpy(np.array(images[start:start + step])).to(device)  # a copy: the memmap is read-only

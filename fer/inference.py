@@ -28,7 +28,7 @@ from fer.checkpoint import LoadedCheckpoint, load_checkpoint, load_classifier
 from fer.data.cache import decode
 from fer.errors import CheckpointError, DataError
 from fer.faces import Box, FaceDetector, ImageError, ImageInput, crop_box, load_pixels
-from fer.tta import NUM_VIEWS, check_mode, per_view
+from fer.tta import check_mode, images_per_pass, per_view
 from fer.utils import one_line
 
 __all__ = ["Face", "ImageResult", "Predictor", "load_classifier", "load_checkpoint", "softmax"]
@@ -102,6 +102,7 @@ class Predictor:
         onnx_model: str | os.PathLike | None = None,
         tta: str = "none",
     ) -> None:
+        check_mode(tta)
         if fallback not in ("none", "full-image"):
             raise ValueError(f"fallback={fallback!r}: expected 'none' or 'full-image'")
         if backend not in BACKENDS:
@@ -116,7 +117,7 @@ class Predictor:
         self.margin = float(margin)
         self.fallback = fallback
         self.temperature = float(temperature)
-        self.tta = check_mode(tta)  # fer.tta views of every crop, their probabilities averaged (as fer-eval tta=...)
+        self.tta = tta  # fer.tta views of every crop, their probabilities averaged (as fer-eval tta=...)
         self.backend, self._runtime = self._choose_backend(backend, exported_model or onnx_model)
 
     @classmethod
@@ -219,7 +220,7 @@ class Predictor:
         (with TTA, each crop's views count: the forward pass stays the size the backend was tuned for)."""
         if len(crops) == 0:
             return np.zeros((0, len(self.class_names)), dtype=np.float32)
-        step = max(1, self.batch_size // NUM_VIEWS[self.tta])
+        step = images_per_pass(self.batch_size, self.tta)
         return np.concatenate([self._with_tta(crops[i:i + step].astype(np.float32) / 255.0)
                                for i in range(0, len(crops), step)])
 

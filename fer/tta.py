@@ -25,6 +25,11 @@ def check_mode(mode: str) -> str:
     return mode
 
 
+def images_per_pass(batch_size: int, mode: str) -> int:
+    """Images per forward pass when `batch_size` counts views, so a TTA pass stays the size it was tuned for."""
+    return max(1, batch_size // NUM_VIEWS[check_mode(mode)])
+
+
 def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
 

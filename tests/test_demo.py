@@ -133,7 +133,8 @@ def test_tta_option_reaches_the_demo(trained_run, astronaut_jpeg, demo_model, ca
     from fer.inference import Predictor
 
     photo = {"path": str(astronaut_jpeg)}
-    flip_model = DemoModel(build_predictor(parse_args(["--checkpoint", str(trained_run), "--tta", "flip"])))
+    args = parse_args(["--checkpoint", str(trained_run), "--tta", "flip"])
+    flip_model = DemoModel(build_predictor(args.checkpoint, args))
     assert flip_model.predictor.tta == "flip"
     _, flip_label, _, _ = analyse(flip_model, Limits(), photo, MODE_ALL, 30)
     _, single_label, _, _ = analyse(demo_model, Limits(), photo, MODE_ALL, 30)
