@@ -386,6 +386,7 @@ def configure_environment(temp: Path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from fer.faces import DETECTOR_HELP, DETECTORS
     from fer.tta import MODES as TTA_MODES
 
     parser = argparse.ArgumentParser(
@@ -402,6 +403,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="largest image accepted, in megapixels (decompression-bomb guard)")
     parser.add_argument("--no-recompute", action="store_true",
                         help="do not recompute the confusion matrix when the run logged none")
+    parser.add_argument("--detector", choices=DETECTORS, default="blazeface", help=DETECTOR_HELP)
     parser.add_argument("--tta", choices=TTA_MODES, default="none",
                         help="average each face's probabilities over test-time views, as fer-eval tta=... "
                              "(shift_rotate: the FER2013 recipe's; costs 14 forward views per face)")
@@ -410,9 +412,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_predictor(checkpoint: str | Path, args: argparse.Namespace) -> Any:
     """The demo's Predictor: `checkpoint` as the caller resolved it (the file its model card describes)."""
+    from fer.faces import FaceDetector
     from fer.inference import Predictor
 
-    return Predictor.from_checkpoint(checkpoint, device=args.device, tta=args.tta)
+    # The page's detector settings vary per request around this one (DemoModel); the method stays.
+    return Predictor.from_checkpoint(checkpoint, device=args.device, tta=args.tta,
+                                     detector=FaceDetector(method=args.detector))
 
 
 def _raise_interrupt(signum, frame) -> None:  # noqa: ARG001 - signal handler signature

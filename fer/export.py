@@ -148,22 +148,24 @@ def verification_faces(run_config: Any, image_size: int, channels: int, n: int =
 
 
 # -- the two formats ----------------------------------------------------------------------------------
-def _export_onnx(module: ProbabilityModel, example: Tensor, path: Path, opset: int) -> None:
+def _export_onnx(module: ProbabilityModel, example: Tensor, path: Path, opset: int, dynamic_batch: bool = True) -> None:
+    """`module` as ONNX at `example`'s shape, the batch dimension left free when `dynamic_batch`."""
     kwargs = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notices
         try:
+            axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
             torch.onnx.export(module, (example,), str(path), dynamo=False, do_constant_folding=True,
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, **kwargs)
+                              dynamic_axes=axes, **kwargs)
         except TypeError:  # a torch without the TorchScript-based exporter
             try:
                 import onnxscript  # noqa: F401
             except ImportError as exc:
                 raise ExportError("this torch only has the torch.export-based ONNX exporter, which needs "
                                   "`pip install onnxscript`") from exc
-            batch = torch.export.Dim("batch", min=1)
+            shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
             torch.onnx.export(module, (example,), str(path), dynamo=True, external_data=False,
-                              dynamic_shapes=({0: batch},), **kwargs)
+                              dynamic_shapes=shapes, **kwargs)
 
 
 def _export_tflite(module: ProbabilityModel, example: Tensor, path: Path, opset: int, meta: dict[str, str]) -> None:
@@ -176,11 +178,9 @@ def _export_tflite(module: ProbabilityModel, example: Tensor, path: Path, opset:
     from fer.ort_session import basic_optimise
     from fer.tflite_export import onnx_to_tflite
 
-    with tempfile.TemporaryDirectory(prefix="fer-tflite-") as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with tempfile.TemporaryDirectory(prefix="fer-tflite-") as tmp:
         static, folded = Path(tmp) / "static.onnx", Path(tmp) / "folded.onnx"
-        torch.onnx.export(module, (example[:1],), str(static), dynamo=False, do_constant_folding=True,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset)
+        _export_onnx(module, example[:1], static, opset, dynamic_batch=False)
         basic_optimise(static, folded)
         path.write_bytes(onnx_to_tflite(onnx.load(str(folded)), meta))
 

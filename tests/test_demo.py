@@ -148,6 +148,24 @@ def test_tta_option_reaches_the_demo(trained_run, astronaut_jpeg, demo_model, ca
     assert "invalid choice: 'sideways'" in capsys.readouterr().err
 
 
+def test_detector_option_reaches_the_demo(trained_run, astronaut_jpeg, demo_model, capsys):
+    from fer.faces import FaceDetector, load_image
+
+    image = load_image(str(astronaut_jpeg))
+    args = parse_args(["--checkpoint", str(trained_run), "--detector", "haar"])
+    haar_model = DemoModel(build_predictor(args.checkpoint, args))
+    # The page's per-request settings (mode, minimum face size) are applied around the chosen method.
+    (haar_face,) = haar_model.faces(image, MODE_ALL, 30)
+    (blaze_face,) = demo_model.faces(image, MODE_ALL, 30)
+    assert haar_face.box == tuple(FaceDetector(method="haar")(image)[0])
+    assert blaze_face.box == tuple(FaceDetector(method="blazeface")(image)[0])
+    assert haar_face.box != blaze_face.box
+
+    with pytest.raises(SystemExit):
+        parse_args(["--checkpoint", str(trained_run), "--detector", "mtcnn"])
+    assert "invalid choice: 'mtcnn'" in capsys.readouterr().err
+
+
 def test_cli_bad_checkpoint_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fer.demo", "--checkpoint", str(tmp_path / "missing.ckpt")],
                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
