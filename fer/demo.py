@@ -386,7 +386,7 @@ def configure_environment(temp: Path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from fer.faces import DETECTOR_HELP, DETECTORS
+    from fer.faces import DETECTOR_HELP, DETECTORS, FaceDetector
     from fer.tta import MODES as TTA_MODES
 
     parser = argparse.ArgumentParser(
@@ -403,7 +403,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="largest image accepted, in megapixels (decompression-bomb guard)")
     parser.add_argument("--no-recompute", action="store_true",
                         help="do not recompute the confusion matrix when the run logged none")
-    parser.add_argument("--detector", choices=DETECTORS, default="blazeface", help=DETECTOR_HELP)
+    parser.add_argument("--detector", choices=DETECTORS, default=FaceDetector.method, help=DETECTOR_HELP)
     parser.add_argument("--tta", choices=TTA_MODES, default="none",
                         help="average each face's probabilities over test-time views, as fer-eval tta=... "
                              "(shift_rotate: the FER2013 recipe's; costs 14 forward views per face)")

@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     faces.add_argument("--largest-face", dest="all_faces", action="store_false",
                        help="classify only the largest face of each image")
     p.add_argument("--min-face-size", type=int, default=30, metavar="PX", help="smallest face to detect (default 30)")
-    p.add_argument("--detector", choices=DETECTORS, default="blazeface", help=DETECTOR_HELP)
+    p.add_argument("--detector", choices=DETECTORS, default=FaceDetector.method, help=DETECTOR_HELP)
     p.add_argument("--fallback", choices=("none", "full-image"), default="none",
                    help="when no face is found: report it (none, default) or classify the whole image")
     p.add_argument("--margin", type=float, default=0.2, help="context around each face box, as a fraction of it")

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fer.data.augment import affine_grid
 from fer.errors import DataError
 
 MODES = ("none", "flip", "shift", "shift_rotate", "tencrop")
@@ -38,7 +39,7 @@ def _rotate(x: Tensor, degrees: float) -> Tensor:
     """Rotate about the centre, the border reflected as in training (fer.data.augment.BatchAugment)."""
     a = math.radians(degrees)
     theta = x.new_tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]])
-    grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
+    grid = affine_grid(theta.expand(x.shape[0], 2, 3), *x.shape[-2:])
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from fer.data.augment import BatchAugment, to_float
+from fer.data.augment import BatchAugment, affine_grid, to_float
 
 
 def faces(n=16, size=32) -> torch.Tensor:
@@ -66,3 +67,11 @@ def test_output_size_samples_the_same_warp_on_a_coarser_grid():
     assert off(x).shape == (16, 1, 48, 48)  # resized even when no warp runs
     # the same picture as the warped path, up to the resampling at the stripe's edge
     assert (off(x).flip(-1) - out).abs().mean() < 0.02
+
+
+def test_affine_grid_matches_torch_on_non_square_batches():
+    theta = torch.randn(3, 2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ours = affine_grid(theta, 5, 7)
+    torch.testing.assert_close(ours, F.affine_grid(theta, [3, 1, 5, 7], align_corners=False))
+    shared = theta[:1].expand(4, 2, 3)  # one matrix for a whole batch, as test-time rotation passes it
+    torch.testing.assert_close(affine_grid(shared, 6, 6), F.affine_grid(shared, [4, 1, 6, 6], align_corners=False))
