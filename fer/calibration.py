@@ -10,6 +10,9 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassCalibrationError
 
 ECE_BINS = 15
+# T outside this range means the validation split, not the network, decided the fit: a model no better
+# than chance drives T to infinity (uniform probabilities, where float rounding then picks the argmax).
+TEMPERATURE_RANGE = (0.05, 20.0)
 
 
 def expected_calibration_error(probabilities: Tensor, labels: Tensor, n_bins: int = ECE_BINS) -> float:
@@ -22,7 +25,8 @@ def fit_temperature(logits: Tensor, labels: Tensor, max_iter: int = 100) -> floa
     """The scalar T > 0 minimising the NLL of softmax(logits / T) on held-out (validation) data.
 
     Optimised over log T with L-BFGS: positive by construction, and the problem is smooth and 1-D,
-    so a few line-search steps converge.
+    so a few line-search steps converge. The NLL is convex in 1/T, so clamping the free optimum to
+    TEMPERATURE_RANGE gives the optimum within it.
     """
     logits, labels = logits.detach().float(), labels.long()
     log_t = torch.zeros(1, requires_grad=True)
@@ -37,9 +41,14 @@ def fit_temperature(logits: Tensor, labels: Tensor, max_iter: int = 100) -> floa
     with torch.enable_grad():
         optimizer.step(closure)
     t = float(log_t.detach().exp())
-    if not math.isfinite(t) or t <= 0:
+    if math.isnan(t):
         return 1.0
-    return t
+    low, high = TEMPERATURE_RANGE
+    return min(max(t, low), high)
+
+
+def at_range_bound(temperature: float) -> bool:
+    return temperature in TEMPERATURE_RANGE
 
 
 def nll(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> float:

@@ -30,7 +30,14 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-from fer.calibration import ECE_BINS, expected_calibration_error, fit_temperature, nll
+from fer.calibration import (
+    ECE_BINS,
+    TEMPERATURE_RANGE,
+    at_range_bound,
+    expected_calibration_error,
+    fit_temperature,
+    nll,
+)
 from fer.checkpoint import LoadedCheckpoint, load_checkpoint, write_calibration
 from fer.data.cache import load_split
 from fer.data.datamodule import stratified_split
@@ -208,6 +215,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "temperature": temperature,
             "fitted_on": f"{origin}: split {val_name}",
             "same_images_as_evaluation": val_name == split_name,
+            "at_range_bound": at_range_bound(temperature),
             "num_samples": int(len(val_labels)),
             "nll_before": nll(val_logits, val_labels),
             "nll_after": nll(val_logits, val_labels, temperature),
@@ -269,6 +277,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if fitted:
         console.print(f"calibration: T={temperature:.3f} fitted on {fitted['fitted_on']}; "
                       f"val ECE {fitted['ece_before']:.4f} -> {fitted['ece_after']:.4f}; stored in {loaded.path}")
+        if fitted["at_range_bound"]:
+            console.print(f"[yellow]warning: T hit the bound of {TEMPERATURE_RANGE}: the model is barely better "
+                          f"than chance on {fitted['fitted_on']}, so the fit is not trustworthy[/yellow]")
     console.print(f"report: {out_dir / 'report.json'}")
     return report
 
