@@ -10,8 +10,8 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassCalibrationError
 
 ECE_BINS = 15
-# T outside this range means the validation split, not the network, decided the fit: a model no better
-# than chance drives T to infinity (uniform probabilities, where float rounding then picks the argmax).
+# Unbounded, a model no better than chance on the validation split drives T towards infinity: uniform
+# probabilities, whose argmax float rounding then picks.
 TEMPERATURE_RANGE = (0.05, 20.0)
 
 

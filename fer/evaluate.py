@@ -278,8 +278,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         console.print(f"calibration: T={temperature:.3f} fitted on {fitted['fitted_on']}; "
                       f"val ECE {fitted['ece_before']:.4f} -> {fitted['ece_after']:.4f}; stored in {loaded.path}")
         if fitted["at_range_bound"]:
-            console.print(f"[yellow]warning: T hit the bound of {TEMPERATURE_RANGE}: the model is barely better "
-                          f"than chance on {fitted['fitted_on']}, so the fit is not trustworthy[/yellow]")
+            why = ("the model is barely better than chance there" if temperature == TEMPERATURE_RANGE[1]
+                   else "the model's logits are far too small there")
+            console.print(f"[yellow]warning: T stopped at the bound of {TEMPERATURE_RANGE} on {fitted['fitted_on']}: "
+                          f"{why}, so the fit is not trustworthy[/yellow]")
     console.print(f"report: {out_dir / 'report.json'}")
     return report
 
