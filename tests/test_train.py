@@ -121,6 +121,7 @@ def test_bad_data_stops_before_training_with_one_line(tmp_path):
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.slow  # ~55 s: the slice is drawn after all 32,298 faces are decoded into the cache and fingerprinted
 def test_short_fit_on_a_slice_of_fer2013(tmp_path, fer2013_root):
     cfg = compose_train(tmp_path, [
         "experiment=fer2013", f"data.root={fer2013_root}", "data.max_train_samples=1400",
