@@ -39,8 +39,7 @@ from fer.calibration import (
     nll,
 )
 from fer.checkpoint import LoadedCheckpoint, load_checkpoint, write_calibration
-from fer.data.cache import load_split
-from fer.data.datamodule import stratified_split
+from fer.data.datamodule import rows_of
 from fer.data.sources import FolderSource, _subdirs
 from fer.errors import CheckpointError, DataError
 from fer.labels import canonical
@@ -105,14 +104,11 @@ def split_arrays(dm: Any, which: str) -> tuple[np.ndarray, np.ndarray, str]:
     Only the split needed is decoded. A source without a val split validates on the stratified slice of
     its train split that training held out (same val_fraction and split_seed).
     """
-    roles = dm.source.roles()
-    name = (roles.test or roles.val) if which == "test" else roles.val
-    if name is not None:
-        split = load_split(dm.source, name, dm.image_size, dm.channels, dm.cache_dir, on_bad=dm.on_bad)
-        return split.images, split.labels, name
-    train = load_split(dm.source, roles.train, dm.image_size, dm.channels, dm.cache_dir, on_bad=dm.on_bad)
-    _, val_idx = stratified_split(train.labels, dm.val_fraction, dm.split_seed)
-    return train.images[val_idx], train.labels[val_idx], f"{roles.train} (held-out val_fraction={dm.val_fraction})"
+    split, picks = dm.plan(limits=False)[which]
+    cached = dm.decode(split, None)  # whole, so fer-eval shares training's cache
+    rows = rows_of(cached.kept, picks)
+    name = split if picks is None else f"{split} (held-out val_fraction={dm.val_fraction})"
+    return cached.images[rows], cached.labels[rows], name
 
 
 # -- running the model -----------------------------------------------------------------------------

@@ -211,6 +211,43 @@ def test_order_kept_with_many_workers(tmp_path):
         out = load_split(ListSource(images), "train", 4, 1, tmp_path / "cache", on_bad="skip", workers=4)
     assert out.images[:, 0, 0, 0].tolist() == [i for i in range(40) if i != 7]
     assert out.labels.tolist() == [i % 7 for i in range(40) if i != 7]
+    assert out.kept.tolist() == [i for i in range(40) if i != 7]
+
+
+class CountingSource(ListSource):
+    def __init__(self, images, fp="v1"):
+        super().__init__(images, fp)
+        self.loaded: list[int] = []
+
+    def load(self, sample):
+        self.loaded.append(sample.ref)
+        return super().load(sample)
+
+
+def test_indices_decode_only_those_samples_in_their_own_entry(tmp_path):
+    images = [Image.new("L", (6, 6), i) for i in range(30)]
+    images[12] = OSError("broken")
+    src = CountingSource(images)
+    with pytest.warns(UserWarning, match="skipped 1 unreadable image.*item12"):
+        sub = load_split(src, "train", 4, 1, tmp_path / "cache", on_bad="skip", indices=np.array([20, 3, 12, 3]))
+    assert sorted(src.loaded) == [3, 12, 20]  # deduplicated, and nothing else decoded
+    assert sub.images[:, 0, 0, 0].tolist() == [3, 20] and sub.kept.tolist() == [3, 20]
+    assert sub.labels.tolist() == [3, 20 % 7]
+    src.loaded.clear()
+    again = load_split(src, "train", 4, 1, tmp_path / "cache", on_bad="skip", indices=np.array([3, 12, 20]))
+    assert again.from_cache and src.loaded == [] and again.skipped == ["item12"]
+    other = load_split(src, "train", 4, 1, tmp_path / "cache", on_bad="skip", indices=np.array([3, 20]))
+    assert not other.from_cache and sorted(src.loaded) == [3, 20]  # another subset, another entry
+    with pytest.warns(UserWarning, match="skipped 1"):
+        whole = load_split(src, "train", 4, 1, tmp_path / "cache", on_bad="skip")
+    assert not whole.from_cache and len(whole.kept) == 29
+    assert len([f for f in cache_folders(tmp_path / "cache") if f.startswith("list-train-sub")]) == 2
+
+
+def test_indices_out_of_range_name_the_split(tmp_path):
+    src = ListSource([Image.new("L", (6, 6))] * 5)
+    with pytest.raises(DataError, match=r"list split 'train': sample indices must lie in 0\.\.4"):
+        load_split(src, "train", 4, 1, tmp_path / "cache", indices=np.array([2, 5]))
 
 
 def test_empty_and_all_bad_splits(tmp_path):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fer.data.datamodule import ArrayDataset, FERDataModule, stratified_split, subsample
+from fer.data.datamodule import ArrayDataset, FERDataModule, rows_of, stratified_split, subsample
 from fer.data.sources import folder_source
 from fer.data.synthetic import SyntheticSource
 from fer.errors import DataError
@@ -63,6 +63,58 @@ def test_val_split_made_when_source_has_none(tmp_path):
     dm.setup("fit")
     assert len(dm.train_set) == 24 and len(dm.val_set) == 6
     assert np.array_equal(dm.class_counts()[[0, 3, 6]], [8, 8, 8])
+
+
+def test_rows_of_maps_sample_indices_onto_decoded_rows():
+    kept = np.array([0, 1, 3, 4, 7])  # samples 2, 5 and 6 were unreadable
+    assert rows_of(kept, np.array([1, 2, 4, 7])).tolist() == [1, 3, 4]
+    assert rows_of(kept, np.array([6, 8])).tolist() == [] and rows_of(kept, None).tolist() == [0, 1, 2, 3, 4]
+
+
+class CountingSynthetic(SyntheticSource):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.decoded: dict[str, int] = {}
+
+    def load(self, sample):
+        split = sample.where.split("/")[1]  # "synthetic/<split>/<i>"
+        self.decoded[split] = self.decoded.get(split, 0) + 1
+        return super().load(sample)
+
+
+def test_sample_limits_decode_only_the_slices(tmp_path):
+    src = CountingSynthetic(210, 70, 70)
+    dm = FERDataModule(src, image_size=16, max_train_samples=35, max_val_samples=14, cache_dir=tmp_path)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm.train_set) == 35 and np.all(dm.train_set.class_counts() == 5)
+    assert len(dm.val_set) == 14 and len(dm.test_set) == 70
+    assert src.decoded == {"train": 35, "val": 14, "test": 70}  # setup found prepare_data's slices cached
+    full = FERDataModule(src, image_size=16, cache_dir=tmp_path)
+    full.setup("fit")
+    assert src.decoded["train"] == 35 + 210  # the whole split is its own entry
+    _, picks = dm.plan()["train"]
+    # the slice holds exactly the faces an unlimited run has at those sample indices
+    assert np.array_equal(dm.train_set.images[dm.train_set.indices], full.train_set.images[picks])
+
+
+def test_held_out_val_is_the_same_whether_or_not_train_is_limited(tmp_path):
+    root = tmp_path / "faces"
+    for name in ("anger", "happiness", "neutral"):
+        (root / "train" / name).mkdir(parents=True)
+        for i in range(20):
+            Image.fromarray(np.full((12, 12), i * 12 + len(name), np.uint8)).save(root / "train" / name / f"{i}.png")
+    full = FERDataModule(folder_source(root), image_size=12, val_fraction=0.2, cache_dir=tmp_path / "cache")
+    small = FERDataModule(folder_source(root), image_size=12, val_fraction=0.2, max_train_samples=15,
+                          cache_dir=tmp_path / "cache")
+    full.setup("fit")
+    small.setup("fit")
+    assert len(small.train_set) == 15 and np.all(small.train_set.class_counts()[[0, 3, 6]] == 5)
+    val_full = full.val_set.images[full.val_set.indices]
+    val_small = small.val_set.images[small.val_set.indices]
+    assert len(val_full) == 12 and np.array_equal(val_full, val_small)
+    train_faces = {full.train_set.images[i].tobytes() for i in full.train_set.indices}
+    assert all(small.train_set.images[i].tobytes() in train_faces for i in small.train_set.indices)
 
 
 def test_bad_option_is_one_line_naming_the_key(tmp_path):

@@ -26,7 +26,7 @@ from fer.data.base import Sample, Source
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when the decoding/resizing below changes, so old caches are not reused
+CACHE_VERSION = 2  # bump when the decoding/resizing or the folder's files change, so old caches are not reused
 CHUNK = 512  # samples decoded per batch of thread-pool work: bounds peak RAM, not the cache size
 
 
@@ -34,6 +34,7 @@ CHUNK = 512  # samples decoded per batch of thread-pool work: bounds peak RAM, n
 class CachedSplit:
     images: np.ndarray  # uint8 (N, C, H, W), memory-mapped
     labels: np.ndarray  # int64 (N,)
+    kept: np.ndarray  # int64 (N,): which of the split's samples (source order, ascending) each row holds
     from_cache: bool
     skipped: list[str] = field(default_factory=list)  # `where` of the samples dropped by on_bad="skip"
 
@@ -108,8 +109,10 @@ def _reason(exc: BaseException, where: str) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _cache_key(source: Source, split: str, size: int, channels: int) -> str:
+def _cache_key(source: Source, split: str, size: int, channels: int, indices: np.ndarray | None) -> str:
     parts = [source.fingerprint(split), str(size), str(channels), str(CACHE_VERSION)]
+    if indices is not None:  # a subset is its own cache entry, named by the samples it holds
+        parts.append(hashlib.sha1(indices.astype("<i8").tobytes()).hexdigest())
     return hashlib.sha1("\0".join(parts).encode()).hexdigest()
 
 
@@ -118,11 +121,14 @@ def _open_cached(folder: Path) -> CachedSplit | None:
         meta = json.loads((folder / "meta.json").read_text())
         images = np.load(folder / "images.npy", mmap_mode="r")
         labels = np.load(folder / "labels.npy")
+        kept = np.load(folder / "kept.npy")
     except (OSError, ValueError):
         return None
-    if images.shape[0] != meta.get("count") or labels.shape != (images.shape[0],):
+    n = images.shape[0]
+    if n != meta.get("count") or labels.shape != (n,) or kept.shape != (n,):
         return None
-    return CachedSplit(images=images, labels=labels, from_cache=True, skipped=list(meta.get("skipped", [])))
+    return CachedSplit(images=images, labels=labels, kept=kept, from_cache=True,
+                       skipped=list(meta.get("skipped", [])))
 
 
 def load_split(
@@ -133,8 +139,13 @@ def load_split(
     cache_dir: str | os.PathLike,
     on_bad: str = "error",
     workers: int | None = None,
+    indices: np.ndarray | None = None,
 ) -> CachedSplit:
-    """The decoded split, from the cache when its key (source fingerprint, size, channels) matches."""
+    """The decoded split, from the cache when its key (source fingerprint, size, channels) matches.
+
+    `indices` (positions in `source.samples(split)`) decodes only those samples, e.g. a
+    `data.max_train_samples` slice of a large dataset; None decodes the whole split.
+    """
     if on_bad not in ("error", "skip"):
         raise DataError(f"data.on_bad={on_bad!r}: expected 'error' or 'skip'")
     if channels not in (1, 3):
@@ -142,9 +153,16 @@ def load_split(
     if size < 1:
         raise DataError(f"data.image_size={size}: expected a positive integer")
 
+    if indices is not None:  # (a whole split is not listed on a cache hit: a CSV source would parse it)
+        indices = np.unique(np.asarray(indices, dtype=np.int64))  # sorted: rows follow the source's order
+        count = len(source.samples(split))
+        if len(indices) == 0 or indices[0] < 0 or indices[-1] >= count:
+            raise DataError(f"{source.name} split {split!r}: sample indices must lie in 0..{count - 1}")
+
     cache_dir = Path(cache_dir)
-    key = _cache_key(source, split, size, channels)
-    final = cache_dir / f"{source.name}-{split}-{key[:16]}"
+    key = _cache_key(source, split, size, channels, indices)
+    subset = "" if indices is None else f"sub{len(indices)}-"
+    final = cache_dir / f"{source.name}-{split}-{subset}{key[:16]}"
     cached = _open_cached(final) if final.is_dir() else None
     if cached is not None:
         return cached
@@ -152,13 +170,14 @@ def load_split(
     samples = source.samples(split)
     if not samples:
         raise DataError(f"{source.name} split {split!r}: no samples")
+    chosen = np.arange(len(samples)) if indices is None else indices
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_dir / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        good, skipped = _build(source, samples, split, size, channels, tmp, on_bad, workers)
-        labels = np.array([samples[i].label for i in good], dtype=np.int64)
-        np.save(tmp / "labels.npy", labels)
+        good, skipped = _build(source, samples, chosen, split, size, channels, tmp, on_bad, workers)
+        np.save(tmp / "labels.npy", np.array([samples[i].label for i in good], dtype=np.int64))
+        np.save(tmp / "kept.npy", np.asarray(good, dtype=np.int64))
         meta = {"source": source.name, "split": split, "count": len(good), "size": size,
                 "channels": channels, "version": CACHE_VERSION, "skipped": skipped}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -185,19 +204,20 @@ def load_split(
     return result
 
 
-def _build(source, samples: list[Sample], split, size, channels, tmp: Path, on_bad, workers):
-    """Decode every sample into tmp/images.npy; returns (indices of the good samples, skipped `where`s)."""
-    n = len(samples)
+def _build(source, samples: list[Sample], chosen: np.ndarray, split, size, channels, tmp: Path, on_bad, workers):
+    """Decode samples[chosen] into tmp/images.npy; returns (sample indices of the good rows, skipped `where`s)."""
+    n = len(chosen)
     images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,
                                        shape=(n, channels, size, size))
 
-    def work(i: int) -> str | None:
+    def work(row: int) -> str | None:
         # Threads: PIL decodes and resizes without the GIL. Each writes its own row of the memmap.
+        sample = samples[chosen[row]]
         try:
-            images[i] = decode(source.load(samples[i]), size, channels)
+            images[row] = decode(source.load(sample), size, channels)
             return None
         except Exception as exc:  # noqa: BLE001 - any failure to read is the sample's fault
-            return _reason(exc, samples[i].where)
+            return _reason(exc, sample.where)
 
     bad: list[int] = []
     skipped: list[str] = []
@@ -205,16 +225,17 @@ def _build(source, samples: list[Sample], split, size, channels, tmp: Path, on_b
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         for start in range(0, n, CHUNK):
             idx = range(start, min(start + CHUNK, n))
-            for i, reason in zip(idx, pool.map(work, idx)):
+            for row, reason in zip(idx, pool.map(work, idx)):
                 if reason is None:
                     continue
+                where = samples[chosen[row]].where
                 if on_bad == "error":
-                    raise DataError(f"{samples[i].where}: cannot read image ({reason})")
-                bad.append(i)
-                skipped.append(samples[i].where)
-                first_reason = first_reason or f"{samples[i].where}: {reason}"
+                    raise DataError(f"{where}: cannot read image ({reason})")
+                bad.append(row)
+                skipped.append(where)
+                first_reason = first_reason or f"{where}: {reason}"
     bad_set = set(bad)
-    good = [i for i in range(n) if i not in bad_set]
+    good = [row for row in range(n) if row not in bad_set]
     if not good:
         raise DataError(f"{source.name} split {split!r}: none of the {n} images could be read ({first_reason})")
     images.flush()
@@ -229,4 +250,4 @@ def _build(source, samples: list[Sample], split, size, channels, tmp: Path, on_b
         os.replace(tmp / "images.tmp.npy", tmp / "images.npy")
     else:
         del images
-    return good, skipped
+    return [int(chosen[row]) for row in good], skipped

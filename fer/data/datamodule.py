@@ -89,6 +89,16 @@ def subsample(labels: np.ndarray, indices: np.ndarray, limit: int | None, seed: 
     return indices[picked]
 
 
+def rows_of(kept: np.ndarray, picks: np.ndarray | None) -> np.ndarray:
+    """Rows of a decoded split holding the sample indices `picks` (None: all rows); unreadable ones drop out."""
+    if picks is None:
+        return np.arange(len(kept))
+    pos = np.searchsorted(kept, picks)
+    found = pos < len(kept)
+    found[found] = kept[pos[found]] == picks[found]
+    return pos[found]
+
+
 class FERDataModule(L.LightningDataModule):
     """Serves train / val / test splits of any `Source` at `image_size`, `channels` channels."""
 
@@ -139,43 +149,68 @@ class FERDataModule(L.LightningDataModule):
         self.decoded_from_cache: dict[str, bool] = {}
 
     # -- building the splits -------------------------------------------------------------------
-    def _load(self, split: str) -> CachedSplit:
-        cached = load_split(
-            self.source, split, self.image_size, self.channels, self.cache_dir, on_bad=self.on_bad
-        )
+    def sample_labels(self, split: str) -> np.ndarray:
+        """Labels of every sample of a source split, read from the listing (nothing decoded)."""
+        return np.array([s.label for s in self.source.samples(split)], dtype=np.int64)
+
+    def held_out_val(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(train, val) sample indices of a split that has to lend its val_fraction to validation."""
+        return stratified_split(self.sample_labels(split), self.val_fraction, self.split_seed)
+
+    def plan(self, limits: bool = True) -> dict[str, tuple[str, np.ndarray | None]]:
+        """For "train", "val" and "test": the source split and which of its samples (None: all of them).
+
+        With `limits`, max_train_samples / max_val_samples draw stratified slices here, from the
+        listing's labels, so only the slices get decoded (a smoke run on a large dataset stays cheap).
+        """
+        roles = self.source.roles()
+
+        def limit(split: str, picks: np.ndarray | None, most: int | None) -> np.ndarray | None:
+            if not (limits and most):
+                return picks
+            labels = self.sample_labels(split)
+            picks = np.arange(len(labels)) if picks is None else picks
+            return subsample(labels, picks, most, self.split_seed)
+
+        if roles.val is not None:
+            train = (roles.train, limit(roles.train, None, self.max_train_samples))
+            val = (roles.val, limit(roles.val, None, self.max_val_samples))
+        else:
+            tr_idx, val_idx = self.held_out_val(roles.train)
+            train = (roles.train, limit(roles.train, tr_idx, self.max_train_samples))
+            val = (roles.train, limit(roles.train, val_idx, self.max_val_samples))
+        test = (roles.test, None) if roles.test is not None else val
+        return {"train": train, "val": val, "test": test}
+
+    def decode(self, split: str, picks: np.ndarray | None) -> CachedSplit:
+        """The split through the cache: whole, or only `picks` (sample indices) when given."""
+        cached = load_split(self.source, split, self.image_size, self.channels, self.cache_dir,
+                            on_bad=self.on_bad, indices=picks)
         self.decoded_from_cache[split] = cached.from_cache
         return cached
 
+    def _decode_plan(self) -> dict[str, ArrayDataset]:
+        plan = self.plan()
+        decoded: dict[str, CachedSplit] = {}
+        for split in dict.fromkeys(name for name, _ in plan.values()):  # each source split decoded once
+            picks = [p for name, p in plan.values() if name == split]
+            # A split that any role uses whole is decoded whole (and shared); otherwise only the union.
+            union = None if any(p is None for p in picks) else np.unique(np.concatenate(picks))
+            if union is not None and len(union) == len(self.source.samples(split)):
+                union = None  # train + held-out val together: the whole split's cache, as fer-eval reads it
+            decoded[split] = self.decode(split, union)
+        return {role: ArrayDataset(decoded[name].images, decoded[name].labels, rows_of(decoded[name].kept, picks))
+                for role, (name, picks) in plan.items()}
+
     def prepare_data(self) -> None:
         # Decode on one process only (rank 0); the other ranks then find the cache filled.
-        roles = self.source.roles()
-        for split in {roles.train, roles.val, roles.test} - {None}:
-            self._load(split)
+        self._decode_plan()
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None and (stage != "test" or self.test_set is not None):
             return  # idempotent: train.py sets up early to fail fast, Lightning calls again
-        roles = self.source.roles()
-        train = self._load(roles.train)
-        if roles.val is not None:
-            val = self._load(roles.val)
-            self.train_set = ArrayDataset(train.images, train.labels)
-            self.val_set = ArrayDataset(val.images, val.labels)
-        else:
-            tr_idx, val_idx = stratified_split(train.labels, self.val_fraction, self.split_seed)
-            self.train_set = ArrayDataset(train.images, train.labels, tr_idx)
-            self.val_set = ArrayDataset(train.images, train.labels, val_idx)
-        self.train_set.indices = subsample(
-            self.train_set.labels, self.train_set.indices, self.max_train_samples, self.split_seed
-        )
-        self.val_set.indices = subsample(
-            self.val_set.labels, self.val_set.indices, self.max_val_samples, self.split_seed
-        )
-        if roles.test is not None:
-            test = self._load(roles.test)
-            self.test_set = ArrayDataset(test.images, test.labels)
-        else:
-            self.test_set = self.val_set
+        sets = self._decode_plan()
+        self.train_set, self.val_set, self.test_set = sets["train"], sets["val"], sets["test"]
         log.info(
             "data: %d train / %d val / %d test images at %dpx, %d channel(s), cache %s",
             len(self.train_set), len(self.val_set), len(self.test_set),
