@@ -54,7 +54,7 @@ class BigSource(Source):
 
 
 def write_cache(cache_dir: Path, source: BigSource, size: int) -> dict[str, Path]:
-    """Write both splits in fer.data.cache's layout (images.npy memmap, labels.npy, meta.json), quickly."""
+    """Write both splits in fer.data.cache's layout (images.npy memmap, labels.npy, kept.npy, meta.json), quickly."""
     from fer.data.cache import CACHE_VERSION, _cache_key
     from fer.data.synthetic import draw_face
 
@@ -79,6 +79,7 @@ def write_cache(cache_dir: Path, source: BigSource, size: int) -> dict[str, Path
         images.flush()
         del images
         np.save(folder / "labels.npy", (np.arange(n) % 7).astype(np.int64))
+        np.save(folder / "kept.npy", np.arange(n, dtype=np.int64))
         meta = {"source": source.name, "split": split, "count": n, "size": size, "channels": 1,
                 "version": CACHE_VERSION, "skipped": []}
         (folder / "meta.json").write_text(json.dumps(meta))

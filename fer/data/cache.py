@@ -109,7 +109,7 @@ def _reason(exc: BaseException, where: str) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _cache_key(source: Source, split: str, size: int, channels: int, indices: np.ndarray | None) -> str:
+def _cache_key(source: Source, split: str, size: int, channels: int, indices: np.ndarray | None = None) -> str:
     parts = [source.fingerprint(split), str(size), str(channels), str(CACHE_VERSION)]
     if indices is not None:  # a subset is its own cache entry, named by the samples it holds
         parts.append(hashlib.sha1(indices.astype("<i8").tobytes()).hexdigest())
