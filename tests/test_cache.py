@@ -241,6 +241,8 @@ def test_indices_decode_only_those_samples_in_their_own_entry(tmp_path):
     with pytest.warns(UserWarning, match="skipped 1"):
         whole = load_split(src, "train", 4, 1, tmp_path / "cache", on_bad="skip")
     assert not whole.from_cache and len(whole.kept) == 29
+    every = load_split(src, "train", 4, 1, tmp_path / "cache", on_bad="skip", indices=np.arange(30))
+    assert every.from_cache  # indices covering the split name the whole split's entry
     assert len([f for f in cache_folders(tmp_path / "cache") if f.startswith("list-train-sub")]) == 2
 
 

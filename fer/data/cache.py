@@ -158,6 +158,8 @@ def load_split(
         count = len(source.samples(split))
         if len(indices) == 0 or indices[0] < 0 or indices[-1] >= count:
             raise DataError(f"{source.name} split {split!r}: sample indices must lie in 0..{count - 1}")
+        if len(indices) == count:
+            indices = None  # every sample (e.g. train + held-out val): the whole split's shared entry
 
     cache_dir = Path(cache_dir)
     key = _cache_key(source, split, size, channels, indices)

@@ -196,8 +196,6 @@ class FERDataModule(L.LightningDataModule):
             picks = [p for name, p in plan.values() if name == split]
             # A split that any role uses whole is decoded whole (and shared); otherwise only the union.
             union = None if any(p is None for p in picks) else np.unique(np.concatenate(picks))
-            if union is not None and len(union) == len(self.source.samples(split)):
-                union = None  # train + held-out val together: the whole split's cache, as fer-eval reads it
             decoded[split] = self.decode(split, union)
         return {role: ArrayDataset(decoded[name].images, decoded[name].labels, rows_of(decoded[name].kept, picks))
                 for role, (name, picks) in plan.items()}
