@@ -54,8 +54,8 @@ class BigSource(Source):
 
 
 def write_cache(cache_dir: Path, source: BigSource, size: int) -> dict[str, Path]:
-    """Write both splits in fer.data.cache's layout (images.npy memmap, labels.npy, kept.npy, meta.json), quickly."""
-    from fer.data.cache import CACHE_VERSION, _cache_key
+    """Write both splits in fer.data.cache's layout (images.npy memmap written here, the rest by its write_index), quickly."""
+    from fer.data.cache import _cache_key, write_index
     from fer.data.synthetic import draw_face
 
     tiles = np.stack([draw_face(i % 7, 1000 + i, size) for i in range(700)])[:, None]  # (700, 1, S, S)
@@ -78,11 +78,7 @@ def write_cache(cache_dir: Path, source: BigSource, size: int) -> dict[str, Path
             images[start:stop] = block
         images.flush()
         del images
-        np.save(folder / "labels.npy", (np.arange(n) % 7).astype(np.int64))
-        np.save(folder / "kept.npy", np.arange(n, dtype=np.int64))
-        meta = {"source": source.name, "split": split, "count": n, "size": size, "channels": 1,
-                "version": CACHE_VERSION, "skipped": []}
-        (folder / "meta.json").write_text(json.dumps(meta))
+        write_index(folder, source.name, split, size, 1, labels=np.arange(n) % 7, kept=np.arange(n), skipped=[])
     return folders
 
 

@@ -131,6 +131,16 @@ def _open_cached(folder: Path) -> CachedSplit | None:
                        skipped=list(meta.get("skipped", [])))
 
 
+def write_index(folder: Path, source_name: str, split: str, size: int, channels: int,
+                labels, kept, skipped: list[str]) -> None:
+    """Everything of a cache entry beside images.npy: labels.npy, kept.npy and meta.json."""
+    np.save(folder / "labels.npy", np.asarray(labels, dtype=np.int64))
+    np.save(folder / "kept.npy", np.asarray(kept, dtype=np.int64))
+    meta = {"source": source_name, "split": split, "count": len(kept), "size": size,
+            "channels": channels, "version": CACHE_VERSION, "skipped": skipped}
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
 def load_split(
     source: Source,
     split: str,
@@ -178,11 +188,8 @@ def load_split(
     tmp.mkdir()
     try:
         good, skipped = _build(source, samples, chosen, split, size, channels, tmp, on_bad, workers)
-        np.save(tmp / "labels.npy", np.array([samples[i].label for i in good], dtype=np.int64))
-        np.save(tmp / "kept.npy", np.asarray(good, dtype=np.int64))
-        meta = {"source": source.name, "split": split, "count": len(good), "size": size,
-                "channels": channels, "version": CACHE_VERSION, "skipped": skipped}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        write_index(tmp, source.name, split, size, channels,
+                    labels=[samples[i].label for i in good], kept=good, skipped=skipped)
         # If another process renamed its identical copy into place meanwhile, keep that one and drop ours.
         if _open_cached(final) is None:
             if final.exists():  # a broken folder under our key (e.g. deleted files): replace it
