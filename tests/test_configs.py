@@ -85,3 +85,14 @@ def test_experiment_fer2013_reads_data_root(tmp_path):
     assert cfg.data.source.root == "/some/where/fer2013"
     assert cfg.data.source._target_.endswith("fer2013_source")
     assert cfg.data.image_size == 64
+
+
+def test_cpu_hour_recipe_trains_without_erasing_and_the_gpu_recipe_with_it(tmp_path):
+    # An hour of CPU is short of fitting (README "Why no random erasing"); long GPU runs keep the default.
+    def augment(experiment):
+        cfg = compose_train(tmp_path, [f"experiment={experiment}", "data.root=/some/where"], tiny=False)
+        return instantiate(cfg.data.augment)
+
+    cpu, gpu = augment("fer2013_cpu60"), augment("fer2013_gpu")
+    assert cpu.erase_p == 0 and gpu.erase_p > 0
+    assert (cpu.hflip, cpu.rotate_degrees) == (gpu.hflip, gpu.rotate_degrees) == (0.5, 10.0)  # the rest unchanged
