@@ -6,13 +6,14 @@
 Same model (the configured EfficientNet-Lite0), resolution, batch size, optimiser and intra-op threads:
 
   (a) model step on ready tensors: forward + loss + backward + AdamW step, channels_last as the framework does
+  (a0) the same step with oneDNN's own depthwise weight gradients (model.fast_depthwise_grad=false)
   (b) the framework end to end: `fer.train.train(cfg)` (experiment=fer2013, all default callbacks, logger and
       progress bar), images/s over the steady-state steps (a callback stamps batch ends after the warm-up)
   (c) a seed-style baseline: torchvision ImageFolder + PIL transforms + DataLoader(num_workers=2) + a plain loop
   (d) the framework's data path alone: cache gather + keep_batch collate + BatchAugment, no model
   (e) the seed-style PIL pipeline alone (DataLoader with 2 workers)
 
-(a), (b) and (c) alternate, then (d) and (e); each reports its best repeat (the least disturbed by other
+(a), (a0), (b) and (c) alternate, then (d) and (e); each reports its best repeat (the least disturbed by other
 work on the machine) and the median. CPU only: this is the machine the framework's defaults are tuned for.
 """
 
@@ -79,10 +80,10 @@ def framework_cfg(args, root: Path, out: Path, cache_dir: Path | None):
     return C.compose(overrides, out, cache_dir)
 
 
-def build_model(cfg):
+def build_model(cfg, **model_overrides):
     """The configured FERClassifier and its optimiser, parameter groups as configure_optimizers makes them."""
     model = instantiate(
-        cfg.model, optimizer=instantiate(cfg.optim.optimizer),
+        cfg.model, **model_overrides, optimizer=instantiate(cfg.optim.optimizer),
         scheduler=OmegaConf.to_container(cfg.optim.scheduler, resolve=True),
         label_smoothing=cfg.optim.label_smoothing, _convert_="all",
     )
@@ -196,6 +197,7 @@ def measure_seed_data(loader, args) -> float:
 # -- the run ------------------------------------------------------------------------------------------
 ROWS = {
     "a": "(a) model step on ready tensors (fwd+bwd+AdamW, channels_last)",
+    "a0": "(a0) the same, oneDNN's depthwise weight gradients (fast_depthwise_grad=false)",
     "b": "(b) fer end to end: train() / Trainer.fit, all default callbacks",
     "c": "(c) seed-style: ImageFolder + PIL transforms, 2 workers, plain loop",
     "d": "(d) fer data path alone: cache gather + BatchAugment",
@@ -230,6 +232,7 @@ def measure(args, console, work: Path) -> dict:
     dm.prepare_data()  # decode the cache now, outside every timing
     dm.setup("fit")
     model_a, opt_a = build_model(base_cfg)
+    model_a0, opt_a0 = build_model(base_cfg, fast_depthwise_grad=False)
     mean, std = model_a.hparams["mean"], model_a.hparams["std"]
     model_c, opt_c = build_model(base_cfg)
     loader_c = seed_loader(root, args, channels, mean, std)
@@ -237,9 +240,10 @@ def measure(args, console, work: Path) -> dict:
     results = C.Repeats()
     for rep in range(args.repeats):
         results.add("a", measure_model_step(model_a, opt_a, args, channels))
+        results.add("a0", measure_model_step(model_a0, opt_a0, args, channels))
         results.add("b", measure_fit(framework_cfg(args, root, work / f"fit{rep}", cache_dir), args))
         results.add("c", measure_seed_training(loader_c, model_c, opt_c, args))
-        console.print(f"  repeat {rep + 1}: a {results.values['a'][-1]:.1f}  b {results.values['b'][-1]:.1f}  "
+        console.print(f"  repeat {rep + 1}: a {results.values['a'][-1]:.1f}  a0 {results.values['a0'][-1]:.1f}  b {results.values['b'][-1]:.1f}  "
                       f"c {results.values['c'][-1]:.1f} images/s")
     del loader_c
     loader_e = seed_loader(root, args, channels, mean, std)
@@ -261,9 +265,12 @@ def measure(args, console, work: Path) -> dict:
     console.print(table)
 
     b_a = results.best("b") / results.best("a")
+    a_a0 = results.best("a") / results.best("a0")
     b_c = results.best("b") / results.best("c")
     d = results.best("d")
     d_e = results.best("d") / results.best("e")
+    console.print(f"a/a0 = {a_a0:.2f}   (tap-sum depthwise weight gradients / oneDNN's, the same step; target > 1: "
+                  f"{C.verdict(a_a0, 1.0)})")
     console.print(f"b/a = {b_a:.3f}   (framework / model-step ceiling; target >= 0.95: {C.verdict(b_a, 0.95)})")
     console.print(f"b/c = {b_c:.2f}    (framework / seed-style baseline; target >= 1.0: {C.verdict(b_c, 1.0)})")
     console.print(f"d   = {d:,.0f} images/s (data path alone; target >= 10,000: {C.verdict(d, 10_000)})")
@@ -273,7 +280,7 @@ def measure(args, console, work: Path) -> dict:
 
     figures = {
         "images_per_s": {k: results.values[k] for k in ROWS},
-        "ratios": {"b/a": b_a, "b/c": b_c, "d/e": d_e},
+        "ratios": {"a/a0": a_a0, "b/a": b_a, "b/c": b_c, "d/e": d_e},
         "image_size": args.image_size, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
         "data": described,
     }

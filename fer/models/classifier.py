@@ -24,6 +24,7 @@ from torchmetrics.classification import (
 
 from fer.labels import CLASSES, NUM_CLASSES
 from fer.models.backbone import create_backbone, freeze_early_stages, normalization
+from fer.models.depthwise import use_fast_depthwise_grad
 
 DEFAULT_BACKBONE = {
     "name": "tf_efficientnet_lite0",
@@ -57,6 +58,7 @@ class FERClassifier(L.LightningModule):
         channels_last: bool = True,
         compile: bool = False,
         frozen_stages: int = 0,
+        fast_depthwise_grad: bool = True,
         class_names: tuple[str, ...] = CLASSES,
     ) -> None:
         super().__init__()
@@ -86,6 +88,7 @@ class FERClassifier(L.LightningModule):
         self.register_buffer("loss_weights", torch.ones(len(class_names)))
         self.channels_last = channels_last
         self.compile_model = compile
+        self.fast_depthwise_grad = fast_depthwise_grad
 
         n = len(class_names)
         self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
@@ -115,6 +118,8 @@ class FERClassifier(L.LightningModule):
         return self.net(x)
 
     def configure_model(self) -> None:
+        if self.fast_depthwise_grad:  # CPU training only; the state dict stays the same (fer.models.depthwise)
+            use_fast_depthwise_grad(self.net)
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
         if self.compile_model and not isinstance(self.net, torch._dynamo.eval_frame.OptimizedModule):
