@@ -26,11 +26,12 @@ def _out_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
-def oneDNN_is_slow(out_size: int, kernel: int) -> bool:
+def onednn_weight_grad_is_slow(out_size: int, kernel: int) -> bool:
     """True where oneDNN's depthwise weight gradient is slow: the output no larger than the kernel's reach.
 
-    Measured on two CPUs (AVX2; AVX-512): 5x5 on 4x4 and 2x2 maps and 3x3 on 2x2 take 15-50 ms a call,
-    20-100x their forward pass, while 3x3 on 4x4 and 5x5 on 8x8 are already fast (bench/train_throughput.py).
+    Measured on a 2-core AMD EPYC (AVX2), batch 64: 5x5 on 4x4, 3x3 and 2x2 maps and 3x3 on 2x2 take
+    15-50 ms a call, 20-100x their forward pass (the tap sums: 1-4 ms); 3x3 on 3x3 and 4x4 and 5x5 on
+    5x5 and 8x8 are as fast on oneDNN as by taps or faster, so they stay there.
     """
     return out_size <= kernel - 1
 
@@ -113,7 +114,7 @@ class FastGradDepthwiseConv2d(nn.Conv2d):
         if not (self.training and x.device.type == "cpu" and torch.is_grad_enabled() and self.weight.requires_grad):
             return False
         out = [_out_size(x.shape[-2 + i], self.kernel_size[i], self.stride[i], padding[i]) for i in range(2)]
-        return all(oneDNN_is_slow(o, k) for o, k in zip(out, self.kernel_size))
+        return all(onednn_weight_grad_is_slow(o, k) for o, k in zip(out, self.kernel_size))
 
 
 def is_depthwise(module: nn.Module) -> bool:
