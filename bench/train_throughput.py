@@ -7,14 +7,18 @@ Same model (the configured EfficientNet-Lite0), resolution, batch size, optimise
 
   (a) model step on ready tensors: forward + loss + backward + AdamW step, channels_last as the framework does
   (a0) the same step with oneDNN's own depthwise weight gradients (model.fast_depthwise_grad=false)
+  (ac) with --compile: the same step, torch.compile'd (model.compile=true)
   (b) the framework end to end: `fer.train.train(cfg)` (experiment=fer2013, all default callbacks, logger and
       progress bar), images/s over the steady-state steps (a callback stamps batch ends after the warm-up)
+  (bc) with --compile: (b) with model.compile=true; the run's time outside its timed steps, against (b)'s, is
+      what compiling the training and validation graphs costs (the first repeat, on a cold inductor cache)
   (c) a seed-style baseline: torchvision ImageFolder + PIL transforms + DataLoader(num_workers=2) + a plain loop
   (d) the framework's data path alone: cache gather + keep_batch collate + BatchAugment, no model
   (e) the seed-style PIL pipeline alone (DataLoader with 2 workers)
 
-(a), (a0), (b) and (c) alternate, then (d) and (e); each reports its best repeat (the least disturbed by other
-work on the machine) and the median. CPU only: this is the machine the framework's defaults are tuned for.
+(a), (a0), (b) and (c) alternate (with --compile, (ac) and (bc) too), then (d) and (e); each reports its best
+repeat (the least disturbed by other work on the machine) and the median. CPU only: this is the machine the
+framework's defaults are tuned for.
 """
 
 from __future__ import annotations
@@ -23,9 +27,14 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import shutil
+import statistics
 import time
 from pathlib import Path
+
+# Read before torch is imported: importing Lightning sets it to inductor's default cache for the process.
+USER_INDUCTOR_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
 
 import _common as C  # noqa: E402  (sets sys.path to the repository)
 
@@ -59,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2, help="alternating repeats of a, b, c (and of d, e)")
     p.add_argument("--data-batches", type=int, default=150, help="timed batches per run of (d) and (e)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the seed-style baseline")
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile: rows (ac) and (bc), its cold compile cost and break-even (minutes)")
     p.add_argument("--tiny", action="store_true", help="a few steps at 32 px on 84 synthetic faces (tests)")
     p.add_argument("--json", type=Path, help="also write the figures to this file")
     p.add_argument("--workdir", help="keep runs, caches and synthetic images here (default: a temp folder)")
@@ -133,7 +144,8 @@ def measure_model_step(model, optimizer, args, channels: int) -> float:
     return C.steady_rate(stamps, args.warmup, args.batch_size)
 
 
-def measure_fit(cfg, args) -> float:
+def measure_fit(cfg, args) -> tuple[float, float]:
+    """(steady images/s, seconds of the whole train() call outside its timed steps: start-up, compiles, validation)."""
     from fer.train import train
 
     with open_dict(cfg):
@@ -144,9 +156,12 @@ def measure_fit(cfg, args) -> float:
             buffer = io.StringIO()
             stack.enter_context(contextlib.redirect_stdout(buffer))
             stack.enter_context(contextlib.redirect_stderr(buffer))
+        start = time.perf_counter()
         train(cfg)
+        wall = time.perf_counter() - start
     (timer,) = StepTimer.runs
-    return C.steady_rate(timer.stamps, args.warmup, args.batch_size)
+    timed = timer.stamps[-1] - timer.stamps[args.warmup]
+    return C.steady_rate(timer.stamps, args.warmup, args.batch_size), wall - timed
 
 
 def measure_seed_training(loader, model, optimizer, args) -> float:
@@ -198,7 +213,9 @@ def measure_seed_data(loader, args) -> float:
 ROWS = {
     "a": "(a) model step on ready tensors (fwd+bwd+AdamW, channels_last)",
     "a0": "(a0) the same, oneDNN's depthwise weight gradients (fast_depthwise_grad=false)",
+    "ac": "(ac) the same as (a), torch.compile'd (model.compile=true)",
     "b": "(b) fer end to end: train() / Trainer.fit, all default callbacks",
+    "bc": "(bc) the same as (b) with model.compile=true",
     "c": "(c) seed-style: ImageFolder + PIL transforms, 2 workers, plain loop",
     "d": "(d) fer data path alone: cache gather + BatchAugment",
     "e": "(e) seed-style PIL pipeline alone, 2 workers",
@@ -210,10 +227,13 @@ def main(argv=None) -> dict:
     C.prepare(args)
     console = C.console()
     work = C.workdir(args.workdir)
+    if args.compile and USER_INDUCTOR_CACHE is None:
+        # A cache of its own, so the first compile is a cold one, as in a user's first run.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work / "inductor_cache")
     try:
         return measure(args, console, work)
     finally:
-        if not args.workdir:  # runs, checkpoints, synthetic images: nothing is left behind
+        if not args.workdir:  # runs, checkpoints, synthetic images, compiled kernels: nothing is left behind
             shutil.rmtree(work, ignore_errors=True)
 
 
@@ -233,6 +253,9 @@ def measure(args, console, work: Path) -> dict:
     dm.setup("fit")
     model_a, opt_a = build_model(base_cfg)
     model_a0, opt_a0 = build_model(base_cfg, fast_depthwise_grad=False)
+    rows = [k for k in ROWS if args.compile or k not in ("ac", "bc")]
+    outside_s: dict[str, list[float]] = {"b": [], "bc": []}  # seconds of each fit outside its timed steps
+    model_ac, opt_ac = build_model(base_cfg, compile=True) if args.compile else (None, None)
     mean, std = model_a.hparams["mean"], model_a.hparams["std"]
     model_c, opt_c = build_model(base_cfg)
     loader_c = seed_loader(root, args, channels, mean, std)
@@ -241,10 +264,22 @@ def measure(args, console, work: Path) -> dict:
     for rep in range(args.repeats):
         results.add("a", measure_model_step(model_a, opt_a, args, channels))
         results.add("a0", measure_model_step(model_a0, opt_a0, args, channels))
-        results.add("b", measure_fit(framework_cfg(args, root, work / f"fit{rep}", cache_dir), args))
+        if args.compile:
+            # (bc) before (ac): the first repeat's fit compiles from a cold cache, as a user's first run does.
+            # Later fits find the graphs compiled in this process: only (bc)'s first repeat shows the full cost.
+            cfg_c = framework_cfg(args, root, work / f"fitc{rep}", cache_dir)
+            with open_dict(cfg_c):
+                cfg_c.model.compile = True
+            rate, outside = measure_fit(cfg_c, args)
+            results.add("bc", rate)
+            outside_s["bc"].append(outside)
+            results.add("ac", measure_model_step(model_ac, opt_ac, args, channels))
+        rate, outside = measure_fit(framework_cfg(args, root, work / f"fit{rep}", cache_dir), args)
+        results.add("b", rate)
+        outside_s["b"].append(outside)
         results.add("c", measure_seed_training(loader_c, model_c, opt_c, args))
-        console.print(f"  repeat {rep + 1}: a {results.values['a'][-1]:.1f}  a0 {results.values['a0'][-1]:.1f}  b {results.values['b'][-1]:.1f}  "
-                      f"c {results.values['c'][-1]:.1f} images/s")
+        done = "  ".join(f"{k} {results.values[k][-1]:.1f}" for k in rows if k in results.values)
+        console.print(f"  repeat {rep + 1}: {done} images/s")
     del loader_c
     loader_e = seed_loader(root, args, channels, mean, std)
     for _ in range(args.repeats):
@@ -259,7 +294,8 @@ def measure(args, console, work: Path) -> dict:
     table.add_column("best", justify="right")
     table.add_column("median", justify="right")
     table.add_column("repeats", justify="right")
-    for key, label in ROWS.items():
+    for key in rows:
+        label = ROWS[key]
         table.add_row(label, f"{results.best(key):,.1f}", f"{results.median(key):,.1f}",
                       " ".join(f"{v:,.0f}" for v in results.values[key]))
     console.print(table)
@@ -277,16 +313,40 @@ def measure(args, console, work: Path) -> dict:
     console.print(f"d/e = {d_e:.1f}    (data path / seed-style PIL pipeline; target >= 5: {C.verdict(d_e, 5)})")
     per_rep = [b / a for a, b in zip(results.values["a"], results.values["b"])]
     console.print("b/a per repeat: " + ", ".join(f"{r:.3f}" for r in per_rep))
+    ratios = {"a/a0": a_a0, "b/a": b_a, "b/c": b_c, "d/e": d_e}
+    if args.compile:
+        ratios.update(report_compile(console, results, outside_s))
 
     figures = {
-        "images_per_s": {k: results.values[k] for k in ROWS},
-        "ratios": {"a/a0": a_a0, "b/a": b_a, "b/c": b_c, "d/e": d_e},
+        "images_per_s": {k: results.values[k] for k in rows},
+        "ratios": ratios,
+        "seconds_outside_timed_steps": {k: v for k, v in outside_s.items() if v},
         "image_size": args.image_size, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
         "data": described,
     }
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     return figures
+
+
+def report_compile(console, results: C.Repeats, seconds: dict[str, list[float]]) -> dict[str, float]:
+    """Compiled against eager, per repeat (alternated, so each pair saw the same machine), and the break-even."""
+    ac_a = [c / e for c, e in zip(results.values["ac"], results.values["a"])]
+    bc_b = [c / e for c, e in zip(results.values["bc"], results.values["b"])]
+    cold = seconds["bc"][0] - seconds["b"][0]
+    console.print(f"ac/a per repeat: {', '.join(f'{r:.3f}' for r in ac_a)}   (compiled / eager model step)")
+    console.print(f"bc/b per repeat: {', '.join(f'{r:.3f}' for r in bc_b)}   (compiled / eager fer-train steps)")
+    cache = "a cold cache" if USER_INDUCTOR_CACHE is None else f"the cache in {USER_INDUCTOR_CACHE}"
+    console.print(f"compiling costs a fer-train run {cold:.0f} s from {cache} (the first repeat's time outside its "
+                  "timed steps, bc - b)")
+    gain = statistics.median(bc_b)
+    if gain > 1:
+        # Compiled training catches up once the time saved per second of eager training repays the overhead.
+        console.print(f"break-even at the median bc/b ({gain:.3f}): after {cold / (1 - 1 / gain) / 60:.1f} minutes "
+                      "of eager training")
+    else:
+        console.print(f"median bc/b = {gain:.3f}: compiled fer-train steps are no faster here, compiling never pays")
+    return {"ac/a": statistics.median(ac_a), "bc/b": gain, "compile_s_cold": cold}
 
 
 if __name__ == "__main__":

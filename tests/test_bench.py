@@ -30,6 +30,15 @@ def test_train_throughput_tiny(tmp_path):
     assert (tmp_path / "t.json").is_file()
 
 
+@pytest.mark.slow
+def test_train_throughput_compile_tiny(tmp_path):
+    """--compile adds the compiled rows and the compile cost; minutes, as Lite0 compiles from a cold cache."""
+    out = run_bench("train_throughput.py", "--compile", tmp_path=tmp_path, timeout=900)
+    for line in ("(ac) the same as (a), torch.compile'd", "(bc) the same as (b) with model.compile=true",
+                 "ac/a per repeat: ", "bc/b per repeat: ", "compiling costs a fer-train run"):
+        assert line in out, out
+
+
 def test_inference_tiny(tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("skimage")

@@ -24,6 +24,7 @@ from torchmetrics.classification import (
 
 from fer.labels import CLASSES, NUM_CLASSES
 from fer.models.backbone import create_backbone, freeze_early_stages, normalization
+from fer.models.compiling import compile_in_place
 from fer.models.depthwise import use_fast_depthwise_grad
 
 DEFAULT_BACKBONE = {
@@ -122,8 +123,9 @@ class FERClassifier(L.LightningModule):
             use_fast_depthwise_grad(self.net)
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
-        if self.compile_model and not isinstance(self.net, torch._dynamo.eval_frame.OptimizedModule):
-            self.net = torch.compile(self.net)
+        if self.compile_model:  # in place: the state dict keeps its keys (fer.models.compiling)
+            # Lightning calls this before moving the module: the device it will train on is the strategy's.
+            compile_in_place(self.net, self._trainer.strategy.root_device if self._trainer else self.device)
 
     # -- training ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
