@@ -87,6 +87,15 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return path
 
 
+def plain_network_keys(state: dict[str, Any]) -> dict[str, Any]:
+    """The state dict with `net._orig_mod.*` keys renamed `net.*`.
+
+    Runs compiled before fer compiled networks in place (fer.models.compiling) wrapped them in torch.compile's
+    OptimizedModule, which saved the weights under `net._orig_mod.*`; checkpoints written since keep `net.*`.
+    """
+    return {k.replace("net._orig_mod.", "net."): v for k, v in state.items()}
+
+
 def read_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
     """The checkpoint dict, loaded without executing anything from the file; CheckpointError naming it otherwise."""
     try:
@@ -162,9 +171,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Loade
         )
     except FERError as exc:
         raise CheckpointError(f"{path}: cannot rebuild its model ({exc})") from exc
-    state = ckpt["state_dict"]
-    # A torch.compile'd network saves its weights under net._orig_mod.*
-    state = {k.replace("net._orig_mod.", "net."): v for k, v in state.items()}
+    state = plain_network_keys(ckpt["state_dict"])
     head = state.get("net.classifier.weight")
     if head is not None and head.shape[0] != len(CLASSES):
         raise CheckpointError(f"{path}: its classifier has {head.shape[0]} outputs; fer uses {len(CLASSES)} classes")

@@ -177,7 +177,7 @@ class Preemption(L.Callback):
 # -- init_from: weights only ----------------------------------------------------------------------------
 def load_initial_weights(model: L.LightningModule, source: str | os.PathLike) -> Path:
     """Load the `net.*` weights of a checkpoint (or a run directory's best, or a plain state dict) strictly into `model.net`."""
-    from fer.checkpoint import read_checkpoint, resolve_checkpoint
+    from fer.checkpoint import plain_network_keys, read_checkpoint, resolve_checkpoint
     from fer.errors import CheckpointError
 
     path = resolve_checkpoint(source)
@@ -185,7 +185,7 @@ def load_initial_weights(model: L.LightningModule, source: str | os.PathLike) ->
     state = ckpt.get("state_dict", ckpt)
     if not isinstance(state, dict):
         raise CheckpointError(f"init_from={path}: holds no state_dict")
-    state = {k.replace("net._orig_mod.", "net."): v for k, v in state.items()}
+    state = plain_network_keys(state)
     net = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
     if not net:  # a bare network state dict (e.g. exported from timm)
         net = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}

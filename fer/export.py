@@ -71,8 +71,8 @@ class ProbabilityModel(nn.Module):
 
 def probability_model(model: nn.Module, temperature: float = 1.0) -> ProbabilityModel:
     """A FERClassifier's network and normalisation as a standalone module (a copy, in eval mode, fp32)."""
-    net = getattr(model.net, "_orig_mod", model.net)  # the network inside a torch.compile wrapper
-    net = copy.deepcopy(net).float().cpu().eval()
+    # A network compiled in place (model.compile) copies uncompiled: deepcopy leaves its compiled __call__ behind.
+    net = copy.deepcopy(model.net).float().cpu().eval()
     net.to(memory_format=torch.contiguous_format)  # exporters record plain NCHW
     return ProbabilityModel(net, model.mean.cpu(), model.std.cpu(), temperature).eval()
 

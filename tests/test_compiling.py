@@ -9,6 +9,7 @@ import torch
 
 from conftest import compose_train
 from fer.checkpoint import load_checkpoint
+from fer.export import probability_model
 from fer.models import compiling
 from fer.models.classifier import FERClassifier
 from fer.models.compiling import is_compiled
@@ -38,6 +39,7 @@ def test_compiled_step_matches_eager_and_keeps_the_state_dict():
         model.train()
     assert is_compiled(compiled.net) and not is_compiled(eager.net)
     assert list(compiled.state_dict()) == keys and not any("_orig_mod" in k for k in keys)
+    assert not is_compiled(probability_model(compiled).net)  # exporters get the plain network
 
     images, labels = torch.rand(BATCH, 1, SIZE, SIZE), torch.arange(BATCH) % 7
     losses = []
@@ -81,6 +83,13 @@ def test_compiled_fit_writes_a_checkpoint_any_run_can_load_and_resume(tmp_path):
     assert "net.conv_stem.weight" in ckpt["state_dict"]
     assert not any("_orig_mod" in k for k in ckpt["state_dict"])
     assert load_checkpoint(summary["last_model_path"]).model(torch.rand(1, 1, 32, 32)).shape == (1, 7)
+
+    # Compiled runs from before in-place compiling saved net._orig_mod.* keys: they still load.
+    wrapped = {k.replace("net.", "net._orig_mod.", 1): v for k, v in ckpt["state_dict"].items()}
+    old_style = {**ckpt, "state_dict": wrapped}
+    torch.save(old_style, tmp_path / "old_style.ckpt")
+    loaded = load_checkpoint(tmp_path / "old_style.ckpt").model
+    torch.testing.assert_close(loaded.net.conv_stem.weight, ckpt["state_dict"]["net.conv_stem.weight"])
 
     # The same run continued without compiling: the keys fit, so the resume is strict and finishes.
     last = summary["last_model_path"]

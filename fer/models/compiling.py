@@ -36,13 +36,12 @@ def is_compiled(net: nn.Module) -> bool:
     return getattr(net, "_compiled_call_impl", None) is not None
 
 
-def compile_in_place(net: nn.Module, device: torch.device) -> bool:
-    """Compiles `net` for `device` unless it is compiled already or cannot be; True when it is compiled."""
+def compile_in_place(net: nn.Module, device: torch.device) -> None:
+    """Compiles `net` for `device` unless it is compiled already or cannot be (then with a one-line warning)."""
     if is_compiled(net):
-        return True
+        return
     reason = cannot_compile(device)
     if reason:
         log.warning("model.compile=true: %s; training uncompiled", reason)
-        return False
+        return
     net.compile()
-    return True
