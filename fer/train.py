@@ -146,6 +146,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             class_weights=cfg.optim.class_weights,
             mixup_alpha=cfg.optim.get("mixup_alpha", 0.0),
             cutmix_alpha=cfg.optim.get("cutmix_alpha", 0.0),
+            layer_decay=cfg.optim.get("layer_decay", 1.0),
             _convert_="all",
         )
         if cfg.get("init_from"):

@@ -41,6 +41,39 @@ def test_no_weight_decay_on_biases_and_norms():
     assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim <= 1 for p in plain["params"])
 
 
+def test_layer_decay_lowers_the_rate_stage_by_stage_down_to_the_stem():
+    model = small_model(optimizer=partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.05),
+                        scheduler={"name": "cosine", "warmup_epochs": 0.0, "min_lr_ratio": 0.01},
+                        layer_decay=0.5)
+
+    class T:  # what configure_optimizers reads of a Trainer: 10 epochs of 10 steps
+        estimated_stepping_batches, max_epochs = 100, 10
+        fit_loop = type("FitLoop", (), {"max_epochs": 10})
+
+    model._trainer = T()
+    configured = model.configure_optimizers()
+    optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    rate = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    named = dict(model.net.named_parameters())
+    assert len(rate) == len(named)  # every parameter in exactly one group
+    assert rate[id(named["classifier.weight"])] == pytest.approx(1e-3)
+    # Lite0's stem sits 8 coarse stages below the classifier: 1e-3 * 0.5**8.
+    assert rate[id(named["conv_stem.weight"])] == pytest.approx(1e-3 * 0.5**8)
+    stages = [rate[id(named[f"blocks.{i}.0.conv_dw.weight"])] for i in range(7)]
+    assert stages == sorted(stages) and len(set(stages)) == 7
+    assert decay[id(named["blocks.3.0.bn1.weight"])] == 0.0 and decay[id(named["blocks.3.0.conv_pw.weight"])] == 0.05
+    # The schedule scales every group alike, so the ratios hold through it.
+    for _ in range(50):
+        optimizer.step()
+        scheduler.step()
+    now = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    stem, head = id(named["conv_stem.weight"]), id(named["classifier.weight"])
+    assert now[head] < 1e-3 and now[stem] / now[head] == pytest.approx(0.5**8)
+    with pytest.raises(ValueError, match=r"optim.layer_decay=0: expected a value in \(0, 1\]"):
+        small_model(layer_decay=0)
+
+
 def test_freeze_trains_only_the_head_until_the_epoch_given():
     model = small_model()
     freeze = BackboneFreeze(epochs=1)

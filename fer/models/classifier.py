@@ -26,6 +26,7 @@ from fer.labels import CLASSES, NUM_CLASSES
 from fer.models.backbone import create_backbone, freeze_early_stages, normalization
 from fer.models.compiling import compile_in_place
 from fer.models.depthwise import use_fast_depthwise_grad
+from fer.models.param_groups import apply_lr_scales, param_groups
 
 DEFAULT_BACKBONE = {
     "name": "tf_efficientnet_lite0",
@@ -56,6 +57,7 @@ class FERClassifier(L.LightningModule):
         class_weights: str = "none",
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
+        layer_decay: float = 1.0,
         channels_last: bool = True,
         compile: bool = False,
         frozen_stages: int = 0,
@@ -64,6 +66,8 @@ class FERClassifier(L.LightningModule):
     ) -> None:
         super().__init__()
         backbone = {**DEFAULT_BACKBONE, **(backbone or {})}
+        if not 0.0 < layer_decay <= 1.0:
+            raise ValueError(f"optim.layer_decay={layer_decay}: expected a value in (0, 1]")
         if class_weights not in ("none", "inverse_freq"):
             raise ValueError(f"optim.class_weights={class_weights!r}: expected 'none' or 'inverse_freq'")
         # The optimiser factory is a callable: not a hyperparameter a checkpoint can hold safely.
@@ -90,6 +94,7 @@ class FERClassifier(L.LightningModule):
         self.channels_last = channels_last
         self.compile_model = compile
         self.fast_depthwise_grad = fast_depthwise_grad
+        self.layer_decay = layer_decay
 
         n = len(class_names)
         self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
@@ -203,14 +208,9 @@ class FERClassifier(L.LightningModule):
 
     # -- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
-        # No weight decay on biases and norm scales: decaying them only hurts (timm, torchvision recipes).
-        decay, no_decay = [], []
-        frozen = {id(p) for p in self.frozen_parameters}
-        for param in self.net.parameters():
-            if id(param) in frozen:
-                continue
-            (no_decay if param.ndim <= 1 else decay).append(param)
-        optimizer = self.optimizer_factory(params=[{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+        groups = param_groups(self.net, skip=self.frozen_parameters, layer_decay=self.layer_decay)
+        optimizer = self.optimizer_factory(params=groups)
+        apply_lr_scales(optimizer)
         name = self.scheduler_cfg["name"]
         if name == "none":
             return {"optimizer": optimizer}
