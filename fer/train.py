@@ -147,6 +147,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             mixup_alpha=cfg.optim.get("mixup_alpha", 0.0),
             cutmix_alpha=cfg.optim.get("cutmix_alpha", 0.0),
             layer_decay=cfg.optim.get("layer_decay", 1.0),
+            sam_rho=cfg.optim.get("sam_rho", 0.0),
             _convert_="all",
         )
         if cfg.get("init_from"):

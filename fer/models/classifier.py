@@ -7,8 +7,9 @@ exported model all feed it the same thing.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import lightning as L
 import torch
@@ -27,6 +28,7 @@ from fer.models.backbone import create_backbone, freeze_early_stages, normalizat
 from fer.models.compiling import compile_in_place
 from fer.models.depthwise import use_fast_depthwise_grad
 from fer.models.param_groups import apply_lr_scales, param_groups
+from fer.models.sam import SAM
 
 DEFAULT_BACKBONE = {
     "name": "tf_efficientnet_lite0",
@@ -58,6 +60,7 @@ class FERClassifier(L.LightningModule):
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
         layer_decay: float = 1.0,
+        sam_rho: float = 0.0,
         channels_last: bool = True,
         compile: bool = False,
         frozen_stages: int = 0,
@@ -68,6 +71,8 @@ class FERClassifier(L.LightningModule):
         backbone = {**DEFAULT_BACKBONE, **(backbone or {})}
         if not 0.0 < layer_decay <= 1.0:
             raise ValueError(f"optim.layer_decay={layer_decay}: expected a value in (0, 1]")
+        if sam_rho < 0:
+            raise ValueError(f"optim.sam_rho={sam_rho}: expected 0 (off) or a radius > 0")
         if class_weights not in ("none", "inverse_freq"):
             raise ValueError(f"optim.class_weights={class_weights!r}: expected 'none' or 'inverse_freq'")
         # The optimiser factory is a callable: not a hyperparameter a checkpoint can hold safely.
@@ -95,6 +100,8 @@ class FERClassifier(L.LightningModule):
         self.compile_model = compile
         self.fast_depthwise_grad = fast_depthwise_grad
         self.layer_decay = layer_decay
+        self.sam_rho = sam_rho
+        self.perturbed = False  # True during SAM's second pass, whose loss is not the model's own
 
         n = len(class_names)
         self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
@@ -179,6 +186,8 @@ class FERClassifier(L.LightningModule):
         loss = self._loss(logits, labels)
         if order is not None:
             loss = lam * loss + (1 - lam) * self._loss(logits, labels[order])
+        if self.perturbed:
+            return loss
         self.train_loss(loss.detach())
         self.train_acc(logits.detach(), labels)
         self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
@@ -207,10 +216,31 @@ class FERClassifier(L.LightningModule):
             metric.reset()
 
     # -- optimisation -----------------------------------------------------------------------------
+    @contextmanager
+    def perturbed_pass(self) -> Iterator[None]:
+        """SAM's second pass, at weights pushed uphill: batch norm keeps its statistics, metrics their counts."""
+        norms = [m for m in self.net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum]
+        momenta = [m.momentum for m in norms]
+        self.perturbed = True
+        for m in norms:
+            m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+        try:
+            yield
+        finally:
+            self.perturbed = False
+            for m, momentum in zip(norms, momenta):
+                m.momentum = momentum
+
     def configure_optimizers(self) -> dict[str, Any]:
         groups = param_groups(self.net, skip=self.frozen_parameters, layer_decay=self.layer_decay)
         optimizer = self.optimizer_factory(params=groups)
         apply_lr_scales(optimizer)
+        if self.sam_rho > 0:
+            if self._trainer is not None and str(self.trainer.precision).startswith("16"):
+                # torch's GradScaler steps without the closure SAM needs for its second pass.
+                raise ValueError(f"optim.sam_rho={self.sam_rho} does not work with trainer.precision="
+                                 f"{self.trainer.precision}: use 32-true or bf16-mixed")
+            optimizer = SAM(optimizer, rho=self.sam_rho, perturbed_pass=self.perturbed_pass)
         name = self.scheduler_cfg["name"]
         if name == "none":
             return {"optimizer": optimizer}
