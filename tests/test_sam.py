@@ -66,6 +66,8 @@ def test_checkpoints_hold_the_base_optimiser_so_runs_resume_with_or_without_sam(
     assert fresh.param_groups is fresh.base.param_groups and fresh.state is fresh.base.state
     fresh.param_groups[0]["lr"] = 5e-4  # what a scheduler does: the base optimiser must see it
     assert fresh.base.param_groups[0]["lr"] == 5e-4
+    cycle = torch.optim.lr_scheduler.OneCycleLR(fresh, max_lr=1e-3, total_steps=10)  # cycles Adam's beta1
+    assert fresh.base.param_groups[0]["betas"][0] == pytest.approx(0.95) and cycle.get_last_lr()[0] < 1e-3
 
     class HalfPrecisionTrainer:  # 16-mixed: torch's GradScaler would step without SAM's closure
         precision = "16-mixed"

@@ -27,7 +27,7 @@ class SAM(Optimizer):
         self.base, self.rho = base, float(rho)
         # What the model should do differently on the second, perturbed pass (keep BN statistics, metrics).
         self.perturbed_pass = perturbed_pass or nullcontext
-        super().__init__(base.param_groups, {})
+        super().__init__(base.param_groups, base.defaults)  # schedulers read defaults (OneCycleLR: betas)
         self._share_base_state()
 
     def _share_base_state(self) -> None:
