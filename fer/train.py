@@ -143,6 +143,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             optimizer=instantiate(cfg.optim.optimizer),
             scheduler=OmegaConf.to_container(cfg.optim.scheduler, resolve=True),
             label_smoothing=cfg.optim.label_smoothing,
+            loss=cfg.optim.get("loss", "ce"),
+            gce_q=cfg.optim.get("gce_q", 0.5),
             class_weights=cfg.optim.class_weights,
             mixup_alpha=cfg.optim.get("mixup_alpha", 0.0),
             cutmix_alpha=cfg.optim.get("cutmix_alpha", 0.0),

@@ -13,7 +13,6 @@ from typing import Any, Callable, Iterator
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import (
@@ -27,6 +26,7 @@ from fer.labels import CLASSES, NUM_CLASSES
 from fer.models.backbone import create_backbone, freeze_early_stages, normalization
 from fer.models.compiling import compile_in_place
 from fer.models.depthwise import use_fast_depthwise_grad
+from fer.models.losses import check_loss, classification_loss
 from fer.models.param_groups import apply_lr_scales, param_groups
 from fer.models.sam import SAM
 
@@ -56,6 +56,8 @@ class FERClassifier(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: dict[str, Any] | None = None,
         label_smoothing: float = 0.0,
+        loss: str = "ce",
+        gce_q: float = 0.5,
         class_weights: str = "none",
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
@@ -73,6 +75,7 @@ class FERClassifier(L.LightningModule):
             raise ValueError(f"optim.layer_decay={layer_decay}: expected a value in (0, 1]")
         if sam_rho < 0:
             raise ValueError(f"optim.sam_rho={sam_rho}: expected 0 (off) or a radius > 0")
+        check_loss(loss, gce_q)
         if class_weights not in ("none", "inverse_freq"):
             raise ValueError(f"optim.class_weights={class_weights!r}: expected 'none' or 'inverse_freq'")
         # The optimiser factory is a callable: not a hyperparameter a checkpoint can hold safely.
@@ -147,9 +150,9 @@ class FERClassifier(L.LightningModule):
             self.loss_weights.copy_(weights / weights.mean())
 
     def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return F.cross_entropy(
-            logits, labels, weight=self.loss_weights, label_smoothing=self.hparams["label_smoothing"]
-        )
+        # .get: checkpoints from before the loss option trained with cross-entropy.
+        return classification_loss(logits, labels, self.hparams.get("loss", "ce"), self.hparams.get("gce_q", 0.5),
+                                   self.hparams["label_smoothing"], self.loss_weights)
 
     def on_train_start(self) -> None:
         # The sanity check ran validation already: start the real epochs from clean metrics.
