@@ -150,8 +150,7 @@ class FERClassifier(L.LightningModule):
             self.loss_weights.copy_(weights / weights.mean())
 
     def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        # .get: checkpoints from before the loss option trained with cross-entropy.
-        return classification_loss(logits, labels, self.hparams.get("loss", "ce"), self.hparams.get("gce_q", 0.5),
+        return classification_loss(logits, labels, self.hparams["loss"], self.hparams["gce_q"],
                                    self.hparams["label_smoothing"], self.loss_weights)
 
     def on_train_start(self) -> None:

@@ -1,13 +1,15 @@
 """Classification losses: cross-entropy, and generalized cross-entropy for noisy labels.
 
-FER2013's labels are noisy (FER+ relabelled a sizeable share of its faces by a ten-rater majority).
-Generalized cross-entropy (Zhang & Sabuncu, NeurIPS 2018) down-weights the faces the model finds
-least plausible under their label, which is where mislabelled faces end up:
+FER2013's labels are noisy (FER+ had ten raters relabel every face, and their majority often
+disagrees with the original label). Generalized cross-entropy (Zhang & Sabuncu, NeurIPS 2018)
+down-weights the faces the model finds least plausible under their label, which is where
+mislabelled faces end up:
 
     L = sum_k t_k (1 - p_k^q) / q          t: (smoothed) one-hot target, p: softmax
 
-Its gradient is cross-entropy's scaled by p_y^q, so q -> 0 gives cross-entropy back and q = 1 the
-mean absolute error, which ignores noise but fits slowly.
+For a one-hot target its gradient is cross-entropy's scaled by p_y^q, so q -> 0 gives cross-entropy
+back and q = 1 the mean absolute error, robust to noise but slow to fit. On FER2013 in a CPU hour it
+lost 1.6 points to cross-entropy (README ablations): it gives up on hard faces too.
 """
 
 from __future__ import annotations
