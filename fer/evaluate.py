@@ -3,6 +3,7 @@ calibration (ECE, optional temperature scaling), with optional test-time augment
 
     python -m fer.evaluate ckpt_path=logs/train/runs/<run> tta=flip calibrate=true
     python -m fer.evaluate ckpt_path=best.ckpt data_dir=~/faces
+    python -m fer.evaluate 'ckpt_path=[runs/a,runs/b]' tta=shift_rotate   # an ensemble: probabilities averaged
 """
 
 from __future__ import annotations
@@ -111,6 +112,43 @@ def split_arrays(dm: Any, which: str) -> tuple[np.ndarray, np.ndarray, str]:
     return cached.images[rows], cached.labels[rows], name
 
 
+# -- which checkpoints ------------------------------------------------------------------------------
+def load_members(ckpt_path: Any) -> list[LoadedCheckpoint]:
+    """The checkpoint, or the ensemble's checkpoints (`ckpt_path=[a,b,...]`), loaded and checked to agree.
+
+    Members must share class names and input channels, since they are scored on one decoded copy of
+    the data; they may differ in anything else (backbone, seed, recipe).
+    """
+    paths = [ckpt_path] if isinstance(ckpt_path, (str, os.PathLike)) else list(ckpt_path)
+    if not paths:
+        raise CheckpointError("ckpt_path=[]: give a checkpoint, a run directory, or a list of them")
+    members = [load_checkpoint(path) for path in paths]
+    first = members[0]
+    for other in members[1:]:
+        if other.class_names != first.class_names:
+            raise CheckpointError(f"{other.path}: classes {other.class_names} differ from {first.path}'s "
+                                  f"{first.class_names}: an ensemble averages one set of class probabilities")
+        if other.channels != first.channels:
+            raise CheckpointError(f"{other.path}: {other.channels}-channel input, {first.path} "
+                                  f"{first.channels}-channel: an ensemble sees one copy of the images")
+    return members
+
+
+def ensemble_image_size(cfg: DictConfig, members: list[LoadedCheckpoint]) -> int:
+    """`image_size` if given, else the members' common training size."""
+    if cfg.get("image_size"):
+        return int(cfg.image_size)
+    sizes = {m.image_size for m in members}
+    if None in sizes:
+        path = next(m.path for m in members if m.image_size is None)
+        raise CheckpointError(f"{path}: its training image size is not recorded; pass image_size=N")
+    if len(sizes) > 1:
+        raise CheckpointError("ckpt_path: the ensemble's members trained at "
+                              + ", ".join(f"{m.image_size} px ({m.path})" for m in members)
+                              + "; pass image_size=N to score them all at one size")
+    return int(sizes.pop())
+
+
 # -- running the model -----------------------------------------------------------------------------
 def pick_device(device: str) -> torch.device:
     if device in (None, "auto"):
@@ -156,7 +194,9 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, class_name
 
 
 def report_table(report: dict[str, Any]) -> Table:
-    table = Table(title=f"fer-eval: {report['split']} split, {report['num_samples']} images, tta={report['tta']}",
+    members = report["checkpoint"] if isinstance(report["checkpoint"], list) else [report["checkpoint"]]
+    ensemble = f", ensemble of {len(members)}" if len(members) > 1 else ""
+    table = Table(title=f"fer-eval: {report['split']} split, {report['num_samples']} images, tta={report['tta']}{ensemble}",
                   header_style="bold")
     for column in ("class", "precision", "recall", "F1", "support"):
         table.add_column(column, justify="left" if column == "class" else "right")
@@ -168,7 +208,7 @@ def report_table(report: dict[str, Any]) -> Table:
     table.add_row("[bold]macro-F1[/]", "", "", f"[bold]{metrics['f1_macro']:.4f}[/]", "")
     cal = report["calibration"]
     table.add_row(f"ECE ({ECE_BINS} bins)", "", "", f"{cal['ece']:.4f}", "")
-    if cal["temperature"] != 1.0:
+    if not isinstance(cal["temperature"], list) and cal["temperature"] != 1.0:
         table.add_row(f"ECE, T={cal['temperature']:.3f}", "", "", f"{cal['ece_calibrated']:.4f}", "")
     return table
 
@@ -184,11 +224,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.get("device", "auto"))
 
-    loaded = load_checkpoint(cfg.ckpt_path)
-    image_size = cfg.get("image_size") or loaded.image_size
-    if not image_size:
-        raise CheckpointError(f"{loaded.path}: its training image size is not recorded; pass image_size=N")
-    data, origin = data_config(cfg, loaded, int(image_size))
+    members = load_members(cfg.ckpt_path)
+    if cfg.get("calibrate") and len(members) > 1:
+        raise CheckpointError("calibrate=true fits one checkpoint's temperature: calibrate the ensemble's "
+                              "members one at a time, then evaluate them together")
+    loaded = members[0]  # the ensemble's data (when not given) and class names come from its first member
+    image_size = ensemble_image_size(cfg, members)
+    data, origin = data_config(cfg, loaded, image_size)
     dm = instantiate(data, _convert_="all")
     left_out = leave_out_unknown_classes(dm.source)
     images, labels_np, split_name = split_arrays(dm, cfg.split)
@@ -197,7 +239,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     batch_size = int(cfg.get("batch_size") or 128)
 
     logits = all_logits(loaded.model, images, cfg.tta, batch_size, device)
-    temperature = loaded.temperature if cfg.get("use_calibration", True) else 1.0
+    use_calibration = cfg.get("use_calibration", True)
+    temperature = loaded.temperature if use_calibration else 1.0
     fitted = None
     if cfg.get("calibrate"):
         val_images, val_labels_np, val_name = split_arrays(dm, "val")
@@ -223,6 +266,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     probs_raw = average_probabilities(logits, 1.0)
     probs = average_probabilities(logits, temperature)
+    if len(members) > 1:
+        # Each member's views averaged at its own stored temperature, then the members averaged.
+        for member in members[1:]:
+            member_logits = all_logits(member.model, images, cfg.tta, batch_size, device)
+            probs_raw += average_probabilities(member_logits, 1.0)
+            probs += average_probabilities(member_logits, member.temperature if use_calibration else 1.0)
+        probs_raw /= len(members)
+        probs /= len(members)
     metrics = classification_metrics(probs, labels, class_names)
     left_out_counts = {}
     if left_out and isinstance(dm.source, FolderSource):
@@ -232,7 +283,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             left_out_counts[name] = sum(1 for p in d.iterdir() if p.is_file()) if d is not None and d.is_dir() else 0
 
     report = {
-        "checkpoint": str(loaded.path),
+        "checkpoint": str(loaded.path) if len(members) == 1 else [str(m.path) for m in members],
         "data": origin,
         "source": getattr(dm.source, "name", type(dm.source).__name__),
         "split": split_name,
@@ -247,11 +298,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "calibration": {
             "ece_bins": ECE_BINS,
             "ece": expected_calibration_error(probs_raw, labels),  # before temperature scaling
-            "temperature": temperature,
+            "temperature": temperature if len(members) == 1 else [m.temperature if use_calibration else 1.0 for m in members],
             "ece_calibrated": expected_calibration_error(probs, labels),  # after (equal when T = 1)
-            "nll": nll(logits.mean(1), labels) if cfg.tta == "none" else None,
+            "nll": nll(logits.mean(1), labels) if cfg.tta == "none" and len(members) == 1 else None,
             "fitted": fitted,
-            "stored_in_checkpoint": loaded.calibration,
+            "stored_in_checkpoint": loaded.calibration if len(members) == 1 else [m.calibration for m in members],
         },
         "output_dir": str(out_dir),
         "wall_time_s": round(time.perf_counter() - started, 2),

@@ -135,3 +135,53 @@ def test_bad_checkpoint_and_bad_options(tmp_path, trained_run):
         evaluate(compose_eval(tmp_path, [f"ckpt_path={tmp_path / 'x.ckpt'}"]))
     with pytest.raises(DataError, match="tta"):
         evaluate(compose_eval(tmp_path, [f"ckpt_path={trained_run}", "tta=mirror"]))
+
+
+def test_an_ensemble_averages_its_members_probabilities(copy_run, trained_run, tmp_path):
+    from fer.checkpoint import load_checkpoint
+    from fer.evaluate import all_logits, split_arrays
+
+    # A second member that differs from the first: the same run, its weights nudged.
+    other = copy_run()
+    path = best_checkpoint(other)
+    checkpoint = torch.load(path, weights_only=False)
+    torch.manual_seed(0)
+    for name, value in checkpoint["state_dict"].items():
+        if value.is_floating_point() and name.startswith("net.classifier"):
+            value.add_(torch.randn_like(value) * 0.5)
+    torch.save(checkpoint, path)
+
+    single = evaluate(compose_eval(tmp_path / "one", [f"ckpt_path={trained_run}", "tta=flip"]))
+    twice = evaluate(compose_eval(tmp_path / "twice", [f"ckpt_path=[{trained_run},{trained_run}]", "tta=flip"]))
+    assert twice["metrics"]["confusion_matrix"] == single["metrics"]["confusion_matrix"]
+    assert twice["calibration"]["ece"] == pytest.approx(single["calibration"]["ece"], abs=1e-6)
+
+    pair = evaluate(compose_eval(tmp_path / "pair", [f"ckpt_path=[{trained_run},{other}]", "tta=flip"]))
+    assert pair["checkpoint"] == [str(best_checkpoint(trained_run)), str(path)]
+    assert pair["num_samples"] == single["num_samples"] == 35
+    # The same average computed by hand from each member's flip views.
+    from hydra.utils import instantiate
+    from fer.evaluate import data_config
+    cfg = compose_eval(tmp_path / "by_hand", [f"ckpt_path={trained_run}"])
+    first = load_checkpoint(trained_run)
+    dm = instantiate(data_config(cfg, first, first.image_size)[0], _convert_="all")
+    images, labels, _ = split_arrays(dm, "test")
+    probs = sum(torch.softmax(all_logits(load_checkpoint(run).model, images, "flip", 128, torch.device("cpu")), -1).mean(1)
+                for run in (trained_run, other)) / 2
+    expected = (probs.argmax(1).numpy() == labels).mean()
+    assert pair["metrics"]["accuracy"] == pytest.approx(expected)
+    assert pair["metrics"]["confusion_matrix"] != single["metrics"]["confusion_matrix"]  # the nudge mattered
+
+
+def test_ensemble_members_must_agree(copy_run, trained_run, tmp_path):
+    from fer.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="calibrate=true"):
+        evaluate(compose_eval(tmp_path, [f"ckpt_path=[{trained_run},{trained_run}]", "calibrate=true"]))
+    other = copy_run()
+    path = best_checkpoint(other)
+    checkpoint = torch.load(path, weights_only=False)
+    checkpoint["hyper_parameters"]["class_names"] = list(reversed(checkpoint["hyper_parameters"]["class_names"]))
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match=f"{path}: classes"):
+        evaluate(compose_eval(tmp_path, [f"ckpt_path=[{trained_run},{other}]"]))
