@@ -185,3 +185,14 @@ def test_ensemble_members_must_agree(copy_run, trained_run, tmp_path):
     torch.save(checkpoint, path)
     with pytest.raises(CheckpointError, match=f"{path}: classes"):
         evaluate(compose_eval(tmp_path, [f"ckpt_path=[{trained_run},{other}]"]))
+
+    from fer.checkpoint import DATAMODULE_KEY
+
+    checkpoint["hyper_parameters"]["class_names"] = list(CLASSES)
+    checkpoint[DATAMODULE_KEY] = {**checkpoint.get(DATAMODULE_KEY, {}), "image_size": 56}
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match="56 px"):
+        evaluate(compose_eval(tmp_path, [f"ckpt_path=[{trained_run},{other}]"]))
+    # One size given for all: both scored at it.
+    report = evaluate(compose_eval(tmp_path, [f"ckpt_path=[{trained_run},{other}]", "image_size=56"]))
+    assert report["image_size"] == 56 and len(report["checkpoint"]) == 2
