@@ -149,6 +149,11 @@ def ensemble_image_size(cfg: DictConfig, members: list[LoadedCheckpoint]) -> int
     return int(sizes.pop())
 
 
+def one_or_all(values: list[Any]) -> Any:
+    """A report field: the value for one checkpoint, as before ensembles; the list for an ensemble."""
+    return values[0] if len(values) == 1 else values
+
+
 # -- running the model -----------------------------------------------------------------------------
 def pick_device(device: str) -> torch.device:
     if device in (None, "auto"):
@@ -239,8 +244,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     batch_size = int(cfg.get("batch_size") or 128)
 
     logits = all_logits(loaded.model, images, cfg.tta, batch_size, device)
-    use_calibration = cfg.get("use_calibration", True)
-    temperature = loaded.temperature if use_calibration else 1.0
+    temperatures = [m.temperature if cfg.get("use_calibration", True) else 1.0 for m in members]
+    temperature = temperatures[0]
     fitted = None
     if cfg.get("calibrate"):
         val_images, val_labels_np, val_name = split_arrays(dm, "val")
@@ -263,17 +268,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         write_calibration(loaded.path, fitted)
+        temperatures = [temperature]  # calibrate=true takes a single checkpoint
 
-    probs_raw = average_probabilities(logits, 1.0)
-    probs = average_probabilities(logits, temperature)
-    if len(members) > 1:
-        # Each member's views averaged at its own stored temperature, then the members averaged.
-        for member in members[1:]:
-            member_logits = all_logits(member.model, images, cfg.tta, batch_size, device)
-            probs_raw += average_probabilities(member_logits, 1.0)
-            probs += average_probabilities(member_logits, member.temperature if use_calibration else 1.0)
-        probs_raw /= len(members)
-        probs /= len(members)
+    # Each member's views averaged at its own temperature, then the members averaged (one member: itself).
+    member_logits = [logits, *(all_logits(m.model, images, cfg.tta, batch_size, device) for m in members[1:])]
+    probs_raw = torch.stack([average_probabilities(x, 1.0) for x in member_logits]).mean(0)
+    probs = torch.stack([average_probabilities(x, t) for x, t in zip(member_logits, temperatures)]).mean(0)
     metrics = classification_metrics(probs, labels, class_names)
     left_out_counts = {}
     if left_out and isinstance(dm.source, FolderSource):
@@ -283,7 +283,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             left_out_counts[name] = sum(1 for p in d.iterdir() if p.is_file()) if d is not None and d.is_dir() else 0
 
     report = {
-        "checkpoint": str(loaded.path) if len(members) == 1 else [str(m.path) for m in members],
+        "checkpoint": one_or_all([str(m.path) for m in members]),
         "data": origin,
         "source": getattr(dm.source, "name", type(dm.source).__name__),
         "split": split_name,
@@ -298,11 +298,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "calibration": {
             "ece_bins": ECE_BINS,
             "ece": expected_calibration_error(probs_raw, labels),  # before temperature scaling
-            "temperature": temperature if len(members) == 1 else [m.temperature if use_calibration else 1.0 for m in members],
+            "temperature": one_or_all(temperatures),
             "ece_calibrated": expected_calibration_error(probs, labels),  # after (equal when T = 1)
             "nll": nll(logits.mean(1), labels) if cfg.tta == "none" and len(members) == 1 else None,
             "fitted": fitted,
-            "stored_in_checkpoint": loaded.calibration if len(members) == 1 else [m.calibration for m in members],
+            "stored_in_checkpoint": one_or_all([m.calibration for m in members]),
         },
         "output_dir": str(out_dir),
         "wall_time_s": round(time.perf_counter() - started, 2),
