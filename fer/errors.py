@@ -15,3 +15,7 @@ class WeightsError(FERError, RuntimeError):
 
 class CheckpointError(FERError, ValueError):
     """A checkpoint that is missing, corrupt, not a fer checkpoint, or for another number of classes."""
+
+
+class ConfigError(FERError, ValueError):
+    """A config value out of range or unknown (`optim.gce_q=0`, `resume=typo`): names the key and what it expects."""

@@ -17,6 +17,8 @@ import logging
 
 import lightning as L
 
+from fer.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -26,9 +28,9 @@ class ProgressiveResize(L.Callback):
 
     def __init__(self, start_size: int = 48, step: int = 8, fraction: float = 0.5) -> None:
         if not 0.0 <= fraction < 1.0:
-            raise ValueError(f"callbacks.progressive_resize.fraction={fraction}: expected 0 <= fraction < 1")
+            raise ConfigError(f"callbacks.progressive_resize.fraction={fraction}: expected 0 <= fraction < 1")
         if start_size < 8 or step < 1:
-            raise ValueError(f"callbacks.progressive_resize: start_size={start_size} (>= 8), step={step} (>= 1)")
+            raise ConfigError(f"callbacks.progressive_resize: start_size={start_size} (>= 8), step={step} (>= 1)")
         self.start_size = int(start_size)
         self.step = int(step)
         self.fraction = float(fraction)

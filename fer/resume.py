@@ -25,6 +25,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from fer.errors import ConfigError
+
 log = logging.getLogger("fer.resume")
 
 LAST = "last.ckpt"
@@ -63,11 +65,11 @@ def named_run_dir(runs_root: Path, resume: str) -> Path:
     """`resume=DIR` or `resume=NAME` (a folder under runs_root)."""
     as_path = Path(resume).expanduser()
     if as_path.is_file():
-        raise ValueError(f"resume={resume}: a file; use ckpt_path={resume} to resume from a checkpoint file")
+        raise ConfigError(f"resume={resume}: a file; use ckpt_path={resume} to resume from a checkpoint file")
     for candidate in (as_path, runs_root / resume):
         if candidate.is_dir():
             return candidate.resolve()
-    raise ValueError(f"resume={resume}: neither a run directory nor a run name under {runs_root}")
+    raise ConfigError(f"resume={resume}: neither a run directory nor a run name under {runs_root}")
 
 
 def run_dir(runs_root: str, stamp: str, run_name: Any = None, resume: Any = None) -> str:
@@ -84,10 +86,23 @@ def run_dir(runs_root: str, stamp: str, run_name: Any = None, resume: Any = None
     return str(root / str(stamp))
 
 
+def run_dir_or_exit(*args: Any) -> str:
+    """`run_dir` for the resolver. Hydra resolves `hydra.run.dir` while it sets the run up, before the entry
+    point's one-line error handling runs, and would print a bad `resume=` as a traceback: print one line and
+    exit 2 here instead (SystemExit passes through OmegaConf and Hydra untouched)."""
+    try:
+        return run_dir(*args)
+    except ConfigError as error:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver(RESOLVER):
         # Cached: Hydra resolves hydra.run.dir more than once, and the answer must not change in between.
-        OmegaConf.register_new_resolver(RESOLVER, run_dir, use_cache=True)
+        OmegaConf.register_new_resolver(RESOLVER, run_dir_or_exit, use_cache=True)
 
 
 # -- choosing the checkpoint ------------------------------------------------------------------------

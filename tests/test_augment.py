@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -75,3 +76,39 @@ def test_affine_grid_matches_torch_on_non_square_batches():
     torch.testing.assert_close(ours, F.affine_grid(theta, [3, 1, 5, 7], align_corners=False))
     shared = theta[:1].expand(4, 2, 3)  # one matrix for a whole batch, as test-time rotation passes it
     torch.testing.assert_close(affine_grid(shared, 6, 6), F.affine_grid(shared, [4, 1, 6, 6], align_corners=False))
+
+
+def still(**kwargs) -> BatchAugment:
+    """Only the photometric jitter: no warp, no erasing."""
+    return BatchAugment(hflip=0, rotate_degrees=0, scale=(1, 1), translate=0, erase_p=0, **kwargs)
+
+
+def test_brightness_scales_each_face_by_its_own_factor_within_the_range():
+    torch.manual_seed(0)
+    x = torch.full((64, 1, 8, 8), 100, dtype=torch.uint8)
+    out = still(brightness=0.3)(x)
+    factors = out.flatten(1).mean(1) / (100 / 255)
+    assert torch.allclose(out, out[:, :, :1, :1].expand_as(out))  # one factor per face, not per pixel
+    assert factors.min() >= 0.7 - 1e-5 and factors.max() <= 1.3 + 1e-5
+    assert factors.max() - factors.min() > 0.4  # spread over the range, not one shared draw
+
+
+def test_contrast_scales_the_spread_about_each_faces_mean_and_keeps_the_mean():
+    torch.manual_seed(0)
+    x = torch.randint(80, 176, (64, 1, 16, 16), dtype=torch.uint8)  # mid-grey: no clamping at +-40%
+    before = to_float(x)
+    out = still(contrast=0.4)(x)
+    torch.testing.assert_close(out.mean((1, 2, 3)), before.mean((1, 2, 3)), atol=1e-5, rtol=0)
+    ratio = out.std((1, 2, 3)) / before.std((1, 2, 3))
+    assert ratio.min() >= 0.6 - 1e-4 and ratio.max() <= 1.4 + 1e-4 and ratio.max() - ratio.min() > 0.5
+
+
+def test_jitter_stays_in_the_image_range():
+    out = still(brightness=1.0, contrast=1.0)(faces())
+    assert 0.0 <= out.min() and out.max() <= 1.0
+
+
+@pytest.mark.parametrize("key", ["brightness", "contrast"])
+def test_jitter_amounts_outside_unit_range_name_their_key(key):
+    with pytest.raises(ValueError, match=rf"data\.augment\.{key}=1\.5"):
+        still(**{key: 1.5})

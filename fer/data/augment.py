@@ -2,7 +2,8 @@
 
 Flip, rotation, scale and translation fold into one affine matrix per sample, so the whole batch is
 warped by a single `grid_sample` call: on a GPU this runs where the model runs, and on the CPU it costs
-a small fraction of a training step instead of a PIL round trip per image.
+a small fraction of a training step instead of a PIL round trip per image. Brightness and contrast
+jitter is one multiply-add per pixel with per-sample factors.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from fer.errors import ConfigError
 
 
 def to_float(images: Tensor) -> Tensor:
@@ -33,7 +36,11 @@ def affine_grid(theta: Tensor, h: int, w: int) -> Tensor:
 
 
 class BatchAugment(nn.Module):
-    """Random flip, rotation, scale, translation and erasing for a batch of face crops."""
+    """Random flip, rotation, scale, translation, brightness/contrast jitter and erasing for a batch of face crops.
+
+    `brightness` and `contrast` follow torchvision's ColorJitter: each face's factor is drawn from
+    [1 - amount, 1 + amount]; brightness scales the pixels, contrast scales them about the face's own mean.
+    """
 
     def __init__(
         self,
@@ -43,6 +50,8 @@ class BatchAugment(nn.Module):
         translate: float = 0.05,
         erase_p: float = 0.25,
         erase_area: tuple[float, float] = (0.02, 0.15),
+        brightness: float = 0.0,
+        contrast: float = 0.0,
         padding_mode: str = "reflection",
         output_size: int | None = None,
     ) -> None:
@@ -53,6 +62,12 @@ class BatchAugment(nn.Module):
         self.translate = translate
         self.erase_p = erase_p
         self.erase_area = tuple(erase_area)
+        for name, amount in (("brightness", brightness), ("contrast", contrast)):
+            if not 0.0 <= amount <= 1.0:
+                raise ConfigError(f"data.augment.{name}={amount}: expected a value in [0, 1] "
+                                  f"(each face's factor is drawn from [1 - it, 1 + it])")
+        self.brightness = brightness
+        self.contrast = contrast
         self.padding_mode = padding_mode
         # None: the input's size. Smaller: the same warp sampled on a coarser grid (progressive resizing).
         self.output_size = output_size
@@ -62,6 +77,8 @@ class BatchAugment(nn.Module):
         x = self._affine(x)
         if self.output_size and x.shape[-1] != self.output_size:  # the warp was a no-op and kept the input size
             x = F.interpolate(x, size=(self.output_size,) * 2, mode="bilinear", antialias=True, align_corners=False)
+        if self.brightness or self.contrast:
+            x = self._jitter(x)
         if self.erase_p > 0:
             x = self._erase(x)
         return x
@@ -83,6 +100,15 @@ class BatchAugment(nn.Module):
         h, w = (self.output_size,) * 2 if self.output_size else x.shape[-2:]
         return F.grid_sample(x, affine_grid(theta, h, w), mode="bilinear",
                              padding_mode=self.padding_mode, align_corners=False)
+
+    def _jitter(self, x: Tensor) -> Tensor:
+        """Brightness, then contrast about each face's mean: x' = (b x - m) c + m with m = mean(b x)."""
+        n = x.shape[0]
+        b = 1 + (torch.rand(n, 1, 1, 1, device=x.device) * 2 - 1) * self.brightness
+        c = 1 + (torch.rand(n, 1, 1, 1, device=x.device) * 2 - 1) * self.contrast
+        mean = x.mean(dim=(1, 2, 3), keepdim=True) * b
+        # One fused multiply-add: b c x + (1 - c) m, clamped back to the image range.
+        return torch.addcmul(mean * (1 - c), x, b * c).clamp_(0.0, 1.0)
 
     def _erase(self, x: Tensor) -> Tensor:
         """Random erasing (Zhong et al.): one rectangle of noise per selected sample."""
@@ -111,5 +137,6 @@ class BatchAugment(nn.Module):
         return (
             f"hflip={self.hflip}, rotate_degrees={self.rotate_degrees}, scale={self.scale}, "
             f"translate={self.translate}, erase_p={self.erase_p}"
+            + (f", brightness={self.brightness}, contrast={self.contrast}" if self.brightness or self.contrast else "")
             + (f", output_size={self.output_size}" if self.output_size else "")
         )

@@ -22,6 +22,7 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
+from fer.errors import ConfigError
 from fer.labels import CLASSES, NUM_CLASSES
 from fer.models.backbone import create_backbone, freeze_early_stages, normalization
 from fer.models.compiling import compile_in_place
@@ -72,12 +73,12 @@ class FERClassifier(L.LightningModule):
         super().__init__()
         backbone = {**DEFAULT_BACKBONE, **(backbone or {})}
         if not 0.0 < layer_decay <= 1.0:
-            raise ValueError(f"optim.layer_decay={layer_decay}: expected a value in (0, 1]")
+            raise ConfigError(f"optim.layer_decay={layer_decay}: expected a value in (0, 1]")
         if sam_rho < 0:
-            raise ValueError(f"optim.sam_rho={sam_rho}: expected 0 (off) or a radius > 0")
+            raise ConfigError(f"optim.sam_rho={sam_rho}: expected 0 (off) or a radius > 0")
         check_loss(loss, gce_q)
         if class_weights not in ("none", "inverse_freq"):
-            raise ValueError(f"optim.class_weights={class_weights!r}: expected 'none' or 'inverse_freq'")
+            raise ConfigError(f"optim.class_weights={class_weights!r}: expected 'none' or 'inverse_freq'")
         # The optimiser factory is a callable: not a hyperparameter a checkpoint can hold safely.
         self.save_hyperparameters(ignore=["optimizer"])
         self.hparams["backbone"] = backbone
@@ -240,8 +241,8 @@ class FERClassifier(L.LightningModule):
         if self.sam_rho > 0:
             if self._trainer is not None and str(self.trainer.precision).startswith("16"):
                 # torch's GradScaler steps without the closure SAM needs for its second pass.
-                raise ValueError(f"optim.sam_rho={self.sam_rho} does not work with trainer.precision="
-                                 f"{self.trainer.precision}: use 32-true or bf16-mixed")
+                raise ConfigError(f"optim.sam_rho={self.sam_rho} does not work with trainer.precision="
+                                  f"{self.trainer.precision}: use 32-true or bf16-mixed")
             optimizer = SAM(optimizer, rho=self.sam_rho, perturbed_pass=self.perturbed_pass)
         name = self.scheduler_cfg["name"]
         if name == "none":
@@ -269,5 +270,5 @@ class FERClassifier(L.LightningModule):
                 pct_start=min(0.5, max(warmup / total, 0.01)),
             )
         else:
-            raise ValueError(f"optim.scheduler.name={name!r}: expected cosine, onecycle or none")
+            raise ConfigError(f"optim.scheduler.name={name!r}: expected cosine, onecycle or none")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

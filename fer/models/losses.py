@@ -18,15 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fer.errors import ConfigError
+
 LOSSES = ("ce", "gce")
 
 
 def check_loss(name: str, q: float) -> None:
     """A clear error for an unknown loss or a q outside (0, 1], naming the config key."""
     if name not in LOSSES:
-        raise ValueError(f"optim.loss={name!r}: expected one of {', '.join(LOSSES)}")
+        raise ConfigError(f"optim.loss={name!r}: expected one of {', '.join(LOSSES)}")
     if name == "gce" and not 0.0 < q <= 1.0:
-        raise ValueError(f"optim.gce_q={q}: expected a value in (0, 1] (towards 0: cross-entropy, 1: mean absolute error)")
+        raise ConfigError(f"optim.gce_q={q}: expected a value in (0, 1] (towards 0: cross-entropy, 1: mean absolute error)")
 
 
 def smoothed_targets(labels: Tensor, num_classes: int, smoothing: float) -> Tensor:

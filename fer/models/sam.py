@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 from torch.optim import Optimizer
 
+from fer.errors import ConfigError
+
 
 class SAM(Optimizer):
     def __init__(
@@ -23,7 +25,7 @@ class SAM(Optimizer):
         perturbed_pass: Callable[[], AbstractContextManager] | None = None,
     ) -> None:
         if rho <= 0:
-            raise ValueError(f"optim.sam_rho={rho}: expected a value > 0 (0 turns SAM off)")
+            raise ConfigError(f"optim.sam_rho={rho}: expected a value > 0 (0 turns SAM off)")
         self.base, self.rho = base, float(rho)
         # What the model should do differently on the second, perturbed pass (keep BN statistics, metrics).
         self.perturbed_pass = perturbed_pass or nullcontext
