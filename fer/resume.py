@@ -87,16 +87,12 @@ def run_dir(runs_root: str, stamp: str, run_name: Any = None, resume: Any = None
 
 
 def run_dir_or_exit(*args: Any) -> str:
-    """`run_dir` for the resolver. Hydra resolves `hydra.run.dir` while it sets the run up, before the entry
-    point's one-line error handling runs, and would print a bad `resume=` as a traceback: print one line and
-    exit 2 here instead (SystemExit passes through OmegaConf and Hydra untouched)."""
-    try:
-        return run_dir(*args)
-    except ConfigError as error:
-        from rich.console import Console
+    """`run_dir` behind the entry points' one-line errors. Hydra resolves `hydra.run.dir` while it sets the run
+    up, before the entry point's own handling runs, and would print a bad `resume=` as a traceback; the
+    SystemExit that `one_line_errors` raises passes through OmegaConf and Hydra untouched."""
+    from fer.utils import one_line_errors  # at call time: fer.utils imports this module
 
-        Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-        raise SystemExit(2) from None
+    return one_line_errors(run_dir)(*args)
 
 
 def register_resolvers() -> None:
