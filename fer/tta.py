@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fer.data.augment import affine_grid
-from fer.errors import DataError
+from fer.errors import ConfigError
 
 MODES = ("none", "flip", "shift", "shift_rotate", "tencrop")
 NUM_VIEWS = {"none": 1, "flip": 2, "shift": 10, "shift_rotate": 14, "tencrop": 10}
@@ -20,9 +20,9 @@ ROTATE_DEGREES = 5.0  # half the +-10 degrees the training data saw: faces tilt 
 
 
 def check_mode(mode: str) -> str:
-    """`mode` if fer knows it; else a one-line DataError (a ValueError) naming the choices."""
+    """`mode` if fer knows it; else a one-line ConfigError (a ValueError) naming the choices."""
     if mode not in MODES:
-        raise DataError(f"tta={mode!r}: expected one of {', '.join(MODES)}")
+        raise ConfigError(f"tta={mode!r}: expected one of {', '.join(MODES)}")
     return mode
 
 

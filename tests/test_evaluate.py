@@ -128,12 +128,12 @@ def test_folder_tree_through_the_command_line(trained_run, tmp_path):
 
 
 def test_bad_checkpoint_and_bad_options(tmp_path, trained_run):
-    from fer.errors import CheckpointError, DataError
+    from fer.errors import CheckpointError, ConfigError
 
     (tmp_path / "x.ckpt").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="x.ckpt"):
         evaluate(compose_eval(tmp_path, [f"ckpt_path={tmp_path / 'x.ckpt'}"]))
-    with pytest.raises(DataError, match="tta"):
+    with pytest.raises(ConfigError, match="tta='mirror'"):
         evaluate(compose_eval(tmp_path, [f"ckpt_path={trained_run}", "tta=mirror"]))
 
 
