@@ -42,7 +42,7 @@ from fer.calibration import (
 from fer.checkpoint import LoadedCheckpoint, load_checkpoint, write_calibration
 from fer.data.datamodule import rows_of
 from fer.data.sources import FolderSource, _subdirs
-from fer.errors import CheckpointError, DataError
+from fer.errors import CheckpointError, ConfigError, DataError
 from fer.labels import canonical
 from fer.plots import confusion_matrix_figure
 from fer.summary import scalar
@@ -224,7 +224,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     check_mode(cfg.tta)
     if cfg.split not in ("test", "val"):
-        raise DataError(f"split={cfg.split!r}: expected test or val")
+        raise ConfigError(f"split={cfg.split!r}: expected test or val")
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.get("device", "auto"))

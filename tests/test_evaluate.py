@@ -135,6 +135,8 @@ def test_bad_checkpoint_and_bad_options(tmp_path, trained_run):
         evaluate(compose_eval(tmp_path, [f"ckpt_path={tmp_path / 'x.ckpt'}"]))
     with pytest.raises(ConfigError, match="tta='mirror'"):
         evaluate(compose_eval(tmp_path, [f"ckpt_path={trained_run}", "tta=mirror"]))
+    with pytest.raises(ConfigError, match="split='train': expected test or val"):
+        evaluate(compose_eval(tmp_path, [f"ckpt_path={trained_run}", "split=train"]))
 
 
 def test_an_ensemble_averages_its_members_probabilities(copy_run, trained_run, tmp_path):
