@@ -183,7 +183,7 @@ def child_loader(cache_dir: Path, count: int, val_count: int, size: int, batch: 
     seen = 0
     started = time.perf_counter()
     for batch_ in loader:
-        images, _ = dm.on_after_batch_transfer(batch_, 0)
+        images, *_ = dm.on_after_batch_transfer(batch_, 0)
         seen += len(images)
     print(json.dumps({"images": seen, "seconds": time.perf_counter() - started, "cache": _cache_pages(os.getpid()),
                       **_status(os.getpid())}))

@@ -192,7 +192,7 @@ def measure_framework_data(dm, args) -> float:
         stamps = []
         warmup = 3
         for _ in range(warmup + 1 + args.data_batches):
-            images, labels = dm.on_after_batch_transfer(next(batches), 0)
+            images, labels, _ = dm.on_after_batch_transfer(next(batches), 0)
             stamps.append(time.perf_counter())
         return C.steady_rate(stamps, warmup, args.batch_size)
     finally:

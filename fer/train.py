@@ -150,6 +150,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             cutmix_alpha=cfg.optim.get("cutmix_alpha", 0.0),
             layer_decay=cfg.optim.get("layer_decay", 1.0),
             sam_rho=cfg.optim.get("sam_rho", 0.0),
+            self_distill=cfg.optim.get("self_distill", 0.0),
             _convert_="all",
         )
         if cfg.get("init_from"):

@@ -39,7 +39,7 @@ def test_getitems_gathers_a_batch_in_sampler_order():
 def test_loaders_serve_uint8_batches_and_augment_only_in_training(tmp_path):
     dm = FERDataModule(SyntheticSource(140, 70, 70), image_size=32, batch_size=16, cache_dir=tmp_path)
     dm.setup("fit")
-    images, labels = next(iter(dm.train_dataloader()))
+    images, labels, _ = next(iter(dm.train_dataloader()))
     assert images.dtype == torch.uint8 and images.shape == (16, 1, 32, 32) and labels.dtype == torch.int64
 
     class FakeTrainer:

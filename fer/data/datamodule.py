@@ -28,12 +28,18 @@ log = logging.getLogger(__name__)
 
 
 class ArrayDataset(Dataset):
-    """Indexes uint8 (N, C, H, W) images and int64 labels; whole batches in one gather."""
+    """Indexes uint8 (N, C, H, W) images and int64 labels; whole batches in one gather.
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray | None = None) -> None:
+    With `with_positions`, a batch also carries each face's position in the set (what the sampler drew), so
+    the model can remember per-face predictions across epochs (fer.models.self_distillation).
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray | None = None,
+                 with_positions: bool = False) -> None:
         self.images = images
         self.labels = labels
         self.indices = np.arange(len(labels)) if indices is None else np.asarray(indices)
+        self.with_positions = with_positions
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -42,12 +48,14 @@ class ArrayDataset(Dataset):
         j = self.indices[i]
         return torch.from_numpy(np.array(self.images[j])), int(self.labels[j])
 
-    def __getitems__(self, batch: list[int]) -> tuple[Tensor, Tensor]:
-        rows = self.indices[np.asarray(batch)]
+    def __getitems__(self, batch: list[int]) -> tuple[Tensor, ...]:
+        positions = np.asarray(batch, dtype=np.int64)
+        rows = self.indices[positions]
         order = np.argsort(rows)  # sorted reads are sequential on the memory map
         images = np.empty((len(rows), *self.images.shape[1:]), dtype=np.uint8)
         images[order] = self.images[rows[order]]
-        return torch.from_numpy(images), torch.from_numpy(self.labels[rows].astype(np.int64))
+        gathered = torch.from_numpy(images), torch.from_numpy(self.labels[rows].astype(np.int64))
+        return (*gathered, torch.from_numpy(positions)) if self.with_positions else gathered
 
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.labels[self.indices], minlength=NUM_CLASSES)
@@ -197,7 +205,8 @@ class FERDataModule(L.LightningDataModule):
             # A split that any role uses whole is decoded whole (and shared); otherwise only the union.
             union = None if any(p is None for p in picks) else np.unique(np.concatenate(picks))
             decoded[split] = self.decode(split, union)
-        return {role: ArrayDataset(decoded[name].images, decoded[name].labels, rows_of(decoded[name].kept, picks))
+        return {role: ArrayDataset(decoded[name].images, decoded[name].labels, rows_of(decoded[name].kept, picks),
+                                   with_positions=role == "train")
                 for role, (name, picks) in plan.items()}
 
     def prepare_data(self) -> None:
@@ -271,8 +280,8 @@ class FERDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, self.eval_batch_size, train=False)
 
-    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
-        images, labels = batch
+    def on_after_batch_transfer(self, batch: tuple[Tensor, ...], dataloader_idx: int) -> tuple[Tensor, ...]:
+        images, *rest = batch  # labels, and positions in training batches
         training = self.trainer is not None and self.trainer.training
         images = self.augment(images) if training else to_float(images)
-        return images, labels
+        return images, *rest

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import (
@@ -27,9 +28,10 @@ from fer.labels import CLASSES, NUM_CLASSES
 from fer.models.backbone import create_backbone, freeze_early_stages, normalization
 from fer.models.compiling import compile_in_place
 from fer.models.depthwise import use_fast_depthwise_grad
-from fer.models.losses import check_loss, classification_loss
+from fer.models.losses import check_loss, classification_loss, smoothed_targets
 from fer.models.param_groups import apply_lr_scales, param_groups
 from fer.models.sam import SAM
+from fer.models.self_distillation import PredictionMemory, check_self_distill
 
 DEFAULT_BACKBONE = {
     "name": "tf_efficientnet_lite0",
@@ -64,6 +66,7 @@ class FERClassifier(L.LightningModule):
         cutmix_alpha: float = 0.0,
         layer_decay: float = 1.0,
         sam_rho: float = 0.0,
+        self_distill: float = 0.0,
         channels_last: bool = True,
         compile: bool = False,
         frozen_stages: int = 0,
@@ -77,6 +80,7 @@ class FERClassifier(L.LightningModule):
         if sam_rho < 0:
             raise ConfigError(f"optim.sam_rho={sam_rho}: expected 0 (off) or a radius > 0")
         check_loss(loss, gce_q)
+        check_self_distill(self_distill, loss, mixup_alpha, cutmix_alpha)
         if class_weights not in ("none", "inverse_freq"):
             raise ConfigError(f"optim.class_weights={class_weights!r}: expected 'none' or 'inverse_freq'")
         # The optimiser factory is a callable: not a hyperparameter a checkpoint can hold safely.
@@ -106,6 +110,7 @@ class FERClassifier(L.LightningModule):
         self.layer_decay = layer_decay
         self.sam_rho = sam_rho
         self.perturbed = False  # True during SAM's second pass, whose loss is not the model's own
+        self.memory = PredictionMemory(self_distill, len(class_names)) if self_distill > 0 else None
 
         n = len(class_names)
         self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
@@ -161,6 +166,8 @@ class FERClassifier(L.LightningModule):
         self.val_recall.reset()
         self.val_confmat.reset()
         self.val_acc_best.reset()
+        if self.memory is not None and len(self.memory.seen) != len(self.trainer.train_dataloader.dataset):
+            self.memory.reset(len(self.trainer.train_dataloader.dataset))  # kept when a resumed run restored it
 
     def _mix(self, images: Tensor) -> tuple[Tensor, Tensor | None, float]:
         """Mixup or CutMix (one of the two per batch, as in timm): mixed images, partner order, weight."""
@@ -182,11 +189,26 @@ class FERClassifier(L.LightningModule):
         lam = 1 - (bottom - top) * (right - left) / (h * w)  # the area actually pasted
         return mixed, order, lam
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        images, labels = batch
+    def _distilled_loss(self, logits: Tensor, labels: Tensor, positions: Tensor | None) -> Tensor:
+        """Cross-entropy against targets softened by last epoch's predictions (fer.models.self_distillation)."""
+        if positions is None:
+            raise ConfigError("optim.self_distill needs training batches of (images, labels, positions), "
+                              "as fer's datamodule serves them")
+        base = smoothed_targets(labels, logits.shape[1], self.hparams["label_smoothing"])
+        weight = self.memory.weight(self.current_epoch, self.trainer.max_epochs)
+        targets = self.memory.targets(base, positions, weight)
+        if not self.perturbed:
+            self.memory.remember(positions, logits)
+        return F.cross_entropy(logits, targets, weight=self.loss_weights)
+
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        images, labels, *positions = batch  # fer's training batches carry each face's position in the set
         images, order, lam = self._mix(images)
         logits = self(images)
-        loss = self._loss(logits, labels)
+        if self.memory is not None:
+            loss = self._distilled_loss(logits, labels, positions[0] if positions else None)
+        else:
+            loss = self._loss(logits, labels)
         if order is not None:
             loss = lam * loss + (1 - lam) * self._loss(logits, labels[order])
         if self.perturbed:
@@ -217,6 +239,15 @@ class FERClassifier(L.LightningModule):
         self.last_confusion = self.val_confmat.compute().detach().cpu()
         for metric in (self.val_loss, self.val_metrics, self.val_recall, self.val_confmat):
             metric.reset()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.memory is not None:  # outside the state dict: a resumed run needs it, inference does not
+            checkpoint["prediction_memory"] = {"probs": self.memory.probs.cpu(), "seen": self.memory.seen.cpu()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("prediction_memory")
+        if self.memory is not None and saved is not None:
+            self.memory.load(saved["probs"], saved["seen"])
 
     # -- optimisation -----------------------------------------------------------------------------
     @contextmanager
