@@ -72,8 +72,10 @@ def test_distilled_loss_is_cross_entropy_against_the_softened_targets():
     assert loss.item() == pytest.approx(F.cross_entropy(second, targets).item(), rel=1e-5)
     assert torch.allclose(model.memory.probs[positions], F.softmax(second, dim=1))
 
-    model.perturbed = True  # SAM's second pass: its predictions are not the model's own
-    model._distilled_loss(torch.randn(3, 7), labels, positions)
+    model.perturbed = True  # SAM's second pass: the step's own targets; its predictions are not remembered
+    uphill = torch.randn(3, 7)
+    loss = model._distilled_loss(uphill, labels, positions)
+    assert loss.item() == pytest.approx(F.cross_entropy(uphill, targets).item(), rel=1e-5)
     assert torch.allclose(model.memory.probs[positions], F.softmax(second, dim=1))
     with pytest.raises(ConfigError, match="optim.self_distill needs training batches of"):
         model._distilled_loss(second, labels, None)

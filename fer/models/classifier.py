@@ -111,6 +111,7 @@ class FERClassifier(L.LightningModule):
         self.sam_rho = sam_rho
         self.perturbed = False  # True during SAM's second pass, whose loss is not the model's own
         self.memory = PredictionMemory(self_distill, len(class_names)) if self_distill > 0 else None
+        self.distill_targets: Tensor | None = None  # this step's, for SAM's second pass
 
         n = len(class_names)
         self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
@@ -194,12 +195,13 @@ class FERClassifier(L.LightningModule):
         if positions is None:
             raise ConfigError("optim.self_distill needs training batches of (images, labels, positions), "
                               "as fer's datamodule serves them")
+        if self.perturbed:  # SAM's second pass: the first pass's targets (the memory already holds this step's)
+            return F.cross_entropy(logits, self.distill_targets, weight=self.loss_weights)
         base = smoothed_targets(labels, logits.shape[1], self.hparams["label_smoothing"])
         weight = self.memory.weight(self.current_epoch, self.trainer.max_epochs)
-        targets = self.memory.targets(base, positions, weight)
-        if not self.perturbed:
-            self.memory.remember(positions, logits)
-        return F.cross_entropy(logits, targets, weight=self.loss_weights)
+        self.distill_targets = self.memory.targets(base, positions, weight)
+        self.memory.remember(positions, logits)
+        return F.cross_entropy(logits, self.distill_targets, weight=self.loss_weights)
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         images, labels, *positions = batch  # fer's training batches carry each face's position in the set
