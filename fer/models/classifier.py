@@ -167,8 +167,10 @@ class FERClassifier(L.LightningModule):
         self.val_recall.reset()
         self.val_confmat.reset()
         self.val_acc_best.reset()
-        if self.memory is not None and len(self.memory.seen) != len(self.trainer.train_dataloader.dataset):
-            self.memory.reset(len(self.trainer.train_dataloader.dataset))  # kept when a resumed run restored it
+        if self.memory is not None:
+            faces = len(self.trainer.train_dataloader.dataset)
+            if len(self.memory) != faces:  # kept when a resumed run restored it
+                self.memory.reset(faces)
 
     def _mix(self, images: Tensor) -> tuple[Tensor, Tensor | None, float]:
         """Mixup or CutMix (one of the two per batch, as in timm): mixed images, partner order, weight."""
@@ -244,12 +246,12 @@ class FERClassifier(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.memory is not None:  # outside the state dict: a resumed run needs it, inference does not
-            checkpoint["prediction_memory"] = {"probs": self.memory.probs.cpu(), "seen": self.memory.seen.cpu()}
+            checkpoint["prediction_memory"] = self.memory.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("prediction_memory")
         if self.memory is not None and saved is not None:
-            self.memory.load(saved["probs"], saved["seen"])
+            self.memory.load_state_dict(saved)
 
     # -- optimisation -----------------------------------------------------------------------------
     @contextmanager

@@ -41,19 +41,25 @@ class PredictionMemory:
 
     def __init__(self, alpha: float, num_classes: int) -> None:
         self.alpha = alpha
+        # A face not seen yet has a row of zeros: a softmax row sums to 1, so no separate mask is needed.
         self.probs = torch.zeros(0, num_classes)
-        self.seen = torch.zeros(0, dtype=torch.bool)
+
+    def __len__(self) -> int:
+        return len(self.probs)
 
     def reset(self, size: int) -> None:
         """Forget everything; room for `size` training faces."""
-        self.load(torch.zeros(size, self.probs.shape[1]), torch.zeros(size, dtype=torch.bool))
+        self.probs = torch.zeros(size, self.probs.shape[1])
 
-    def load(self, probs: Tensor, seen: Tensor) -> None:
-        self.probs, self.seen = probs.float(), seen.bool()
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"probs": self.probs.cpu()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.probs = state["probs"].float()
 
     def _follow(self, device: torch.device) -> None:
         if self.probs.device != device:  # moves once, to wherever training runs
-            self.probs, self.seen = self.probs.to(device), self.seen.to(device)
+            self.probs = self.probs.to(device)
 
     def weight(self, epoch: int, epochs: int) -> float:
         """The share of the remembered prediction in the target: rises linearly to `alpha` at the last epoch."""
@@ -62,13 +68,13 @@ class PredictionMemory:
     def targets(self, base: Tensor, positions: Tensor, weight: float) -> Tensor:
         """(B, K) label targets softened by the remembered predictions; faces not seen yet keep their labels."""
         self._follow(base.device)
-        remembered = (1.0 - weight) * base + weight * self.probs[positions]
-        return torch.where(self.seen[positions, None], remembered, base)
+        previous = self.probs[positions]
+        remembered = (1.0 - weight) * base + weight * previous
+        return torch.where(previous.sum(dim=1, keepdim=True) > 0, remembered, base)
 
     def remember(self, positions: Tensor, logits: Tensor) -> None:
         self._follow(logits.device)
         self.probs[positions] = F.softmax(logits.detach().float(), dim=1)
-        self.seen[positions] = True
 
     def __repr__(self) -> str:
-        return f"PredictionMemory(alpha={self.alpha}, faces={len(self.seen)})"
+        return f"PredictionMemory(alpha={self.alpha}, faces={len(self)})"
