@@ -19,8 +19,9 @@ def test_two_process_val_accuracy_equals_a_single_process_validation(tmp_path):
 
     run = tmp_path / "run"
     result = subprocess.run(
+        # Self-distillation on too: its memory of training predictions must gather every rank's faces.
         fer_train_cmd("trainer=ddp_cpu", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "seed=0",
-                      f"hydra.run.dir={run}"),
+                      "optim.self_distill=0.5", f"hydra.run.dir={run}"),
         capture_output=True, text=True, cwd=REPO, env=cli_env(tmp_path), timeout=500,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -29,13 +30,19 @@ def test_two_process_val_accuracy_equals_a_single_process_validation(tmp_path):
     assert summary["last_model_path"].endswith("last.ckpt")
     assert json.loads((run / "status.json").read_text())["status"] == "completed"
     ddp_acc = summary["metrics"]["val/acc"]
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    remembered = saved["prediction_memory"]["probs"].sum(dim=1)
+    # 2 processes x 2 batches x 32 distinct faces (DistributedSampler splits the 280 without overlap); rank 0,
+    # which saved it, trained on only half of them
+    assert int((remembered > 0).sum()) == 2 * 2 * 32
+    assert torch.allclose(remembered[remembered > 0], torch.ones(128))
 
     # the same weights and the same 128 validation faces in one process
     overrides = [o for o in TINY_CLI if not o.startswith(("callbacks.", "trainer."))]
     cfg = compose_train(tmp_path / "single", overrides)
     datamodule = instantiate(cfg.data, _convert_="all")
     model = instantiate(cfg.model, _convert_="all")
-    model.load_state_dict(torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"])
+    model.load_state_dict(saved["state_dict"])
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     single = trainer.validate(model, datamodule=datamodule, verbose=False)[0]

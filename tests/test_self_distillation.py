@@ -27,12 +27,12 @@ def test_targets_keep_the_label_until_a_face_is_seen_then_mix_in_its_last_predic
     labels, positions = torch.tensor([0, 5, 6]), torch.tensor([1, 2, 3])
     base = smoothed_targets(labels, 7, 0.1)
     assert torch.equal(memory.targets(base, positions, 0.5), base)  # nothing remembered yet
-    logits = torch.randn(2, 7)
-    memory.remember(torch.tensor([3, 1]), logits)
+    probs = F.softmax(torch.randn(2, 7), dim=1)
+    memory.remember(torch.tensor([3, 1]), probs)
     mixed = memory.targets(base, positions, 0.5)
-    assert torch.allclose(mixed[0], 0.5 * base[0] + 0.5 * F.softmax(logits[1], dim=0))  # position 1
+    assert torch.allclose(mixed[0], 0.5 * base[0] + 0.5 * probs[1])  # position 1
     assert torch.equal(mixed[1], base[1])  # position 2: still unseen
-    assert torch.allclose(mixed[2], 0.5 * base[2] + 0.5 * F.softmax(logits[0], dim=0))  # position 3
+    assert torch.allclose(mixed[2], 0.5 * base[2] + 0.5 * probs[0])  # position 3
     assert torch.allclose(mixed.sum(dim=1), torch.ones(3))
 
 
@@ -58,7 +58,7 @@ def test_training_batches_carry_each_faces_position_and_evaluation_batches_do_no
 def test_distilled_loss_is_cross_entropy_against_the_softened_targets():
     model = FERClassifier(backbone={"weights": "none"}, label_smoothing=0.1, self_distill=0.5)
     model.memory.reset(8)
-    model._trainer = SimpleNamespace(current_epoch=0, max_epochs=4)
+    model._trainer = SimpleNamespace(current_epoch=0, max_epochs=4, world_size=1)
     labels, positions = torch.tensor([0, 3, 6]), torch.tensor([4, 0, 7])
     first = torch.randn(3, 7)
     loss = model._distilled_loss(first, labels, positions)

@@ -13,7 +13,6 @@ hard towards angry. It costs no extra forward pass: predictions are remembered a
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fer.errors import ConfigError
@@ -72,9 +71,10 @@ class PredictionMemory:
         remembered = (1.0 - weight) * base + weight * previous
         return torch.where(previous.sum(dim=1, keepdim=True) > 0, remembered, base)
 
-    def remember(self, positions: Tensor, logits: Tensor) -> None:
-        self._follow(logits.device)
-        self.probs[positions] = F.softmax(logits.detach().float(), dim=1)
+    def remember(self, positions: Tensor, probs: Tensor) -> None:
+        """Keep `probs` (B, K), this step's softmax outputs, as the faces at `positions` were last seen."""
+        self._follow(probs.device)
+        self.probs[positions] = probs.detach().float()
 
     def __repr__(self) -> str:
         return f"PredictionMemory(alpha={self.alpha}, faces={len(self)})"
