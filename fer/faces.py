@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fer.data.cache import _as_pil
-from fer.errors import DataError
+from fer.errors import ConfigError, DataError
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 Box = tuple[int, int, int, int]  # x, y, w, h in pixels of the original (EXIF-rotated) image
@@ -71,7 +71,7 @@ def _from_array(a: np.ndarray) -> Image.Image:
         elif a.dtype == np.uint16:
             a = (a.astype(np.float64) / 257.0).round().astype(np.uint8)
         else:
-            raise ValueError(f"expected a uint8 array (or float in [0, 1]), got {a.dtype}")
+            raise DataError(f"expected a uint8 array (or float in [0, 1]), got {a.dtype}")
     return _as_pil(np.ascontiguousarray(a))
 
 
@@ -140,7 +140,7 @@ class FaceDetector:
 
     def __post_init__(self) -> None:
         if self.method not in DETECTORS:
-            raise ValueError(f"unknown face detector {self.method!r}; choose one of {', '.join(DETECTORS)}")
+            raise ConfigError(f"unknown face detector {self.method!r}; choose one of {', '.join(DETECTORS)}")
         self._local = threading.local()  # a CascadeClassifier must not be shared between threads
         self._blazeface = None
 

@@ -26,7 +26,7 @@ import torch
 
 from fer.checkpoint import LoadedCheckpoint, load_checkpoint, load_classifier
 from fer.data.cache import decode
-from fer.errors import CheckpointError, DataError
+from fer.errors import CheckpointError, ConfigError, DataError
 from fer.faces import Box, FaceDetector, ImageError, ImageInput, crop_box, load_pixels
 from fer.tta import check_mode, images_per_pass, per_view
 from fer.utils import one_line
@@ -104,9 +104,9 @@ class Predictor:
     ) -> None:
         check_mode(tta)
         if fallback not in ("none", "full-image"):
-            raise ValueError(f"fallback={fallback!r}: expected 'none' or 'full-image'")
+            raise ConfigError(f"fallback={fallback!r}: expected 'none' or 'full-image'")
         if backend not in BACKENDS:
-            raise ValueError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
+            raise ConfigError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
         self.device = device or default_device()
         self.model = model.to(self.device).eval() if model is not None else None
         self.class_names = list(class_names)
@@ -189,7 +189,7 @@ class Predictor:
         fmt = EXPORT_FORMATS[backend]
         if path is None:
             if self.model is None:
-                raise ValueError(f"backend={backend!r} needs a model or exported_model=<file.{fmt}>")
+                raise ConfigError(f"backend={backend!r} needs a model or exported_model=<file.{fmt}>")
             import tempfile
 
             with tempfile.TemporaryDirectory(prefix="fer-export-") as tmp:
@@ -239,7 +239,7 @@ class Predictor:
         `error` (one line) and the other images are still processed.
         """
         if errors not in ("raise", "record"):
-            raise ValueError(f"errors={errors!r}: expected 'raise' or 'record'")
+            raise ConfigError(f"errors={errors!r}: expected 'raise' or 'record'")
         single = isinstance(images, (str, os.PathLike, np.ndarray)) or hasattr(images, "getpixel")
         items = [images] if single else list(images)
         results: list[ImageResult] = []

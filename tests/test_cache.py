@@ -100,7 +100,7 @@ def test_decode_colours_resize_and_arrays():
     hwc = np.zeros((10, 12, 3), np.uint8)
     hwc[..., 2] = 9
     assert decode(hwc, 6, 3)[2].min() == 9 and decode(hwc[..., :1], 6, 1).shape == (1, 6, 6)
-    with pytest.raises(ValueError, match="uint8"):
+    with pytest.raises(DataError, match="uint8"):
         decode(gray.astype(np.float32), 8, 1)
 
 

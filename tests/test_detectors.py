@@ -15,7 +15,7 @@ from fer.detectors.blazeface import (
     open_engine,
     weighted_nms,
 )
-from fer.errors import DataError
+from fer.errors import ConfigError, DataError
 from fer.faces import FaceDetector, load_image
 
 data = pytest.importorskip("skimage.data")
@@ -79,7 +79,7 @@ def test_missing_model_is_one_line_naming_it_and_the_fix(tmp_path):
         BlazeFace(model_path=missing, tflite_path=tmp_path / "none.tflite")(data.astronaut())
     message = str(error.value)
     assert "\n" not in message and str(missing) in message and "tflite_to_onnx --fetch" in message
-    with pytest.raises(ValueError, match="engine 'tvm': choose one of auto, litert, onnx"):
+    with pytest.raises(ConfigError, match="engine 'tvm': choose one of auto, litert, onnx"):
         BlazeFace(engine="tvm")(data.astronaut())
 
 

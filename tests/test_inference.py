@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from fer.checkpoint import CALIBRATION_KEY, best_checkpoint, load_checkpoint, resolve_checkpoint
-from fer.errors import CheckpointError
+from fer.errors import CheckpointError, ConfigError
 from fer.data.cache import decode
 from fer.faces import FaceDetector, ImageError, crop_box, load_image, load_pixels
 from fer.inference import Predictor, load_classifier
@@ -130,6 +130,21 @@ def test_tta_averages_the_views_fer_eval_averages(predictor, trained_run, astron
         Predictor.from_checkpoint(trained_run, backend="torch", tta="mirror")
 
 
+@pytest.mark.parametrize("option, message", [
+    ({"backend": "tpu"}, "backend='tpu': expected one of"),
+    ({"fallback": "crop"}, "fallback='crop': expected 'none' or 'full-image'"),
+])
+def test_bad_options_are_one_line_config_errors(option, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        Predictor(None, CLASSES, image_size=48, channels=1, **option)
+    assert "\n" not in str(error.value)
+
+
+def test_bad_errors_mode_is_a_config_error(predictor, astronaut_jpeg):
+    with pytest.raises(ConfigError, match="errors='ignore': expected 'raise' or 'record'"):
+        predictor.predict(astronaut_jpeg, errors="ignore")
+
+
 def test_face_crops_are_the_training_decode_of_the_photo_region(predictor, astronaut_jpeg):
     from skimage import data
 
@@ -160,7 +175,7 @@ def test_detector_options(predictor, astronaut_jpeg, method):
 
 
 def test_unknown_detector_named():
-    with pytest.raises(ValueError, match="unknown face detector 'mtcnn'; choose one of blazeface, haar"):
+    with pytest.raises(ConfigError, match="unknown face detector 'mtcnn'; choose one of blazeface, haar"):
         FaceDetector(method="mtcnn")
 
 

@@ -67,14 +67,14 @@ def _to_8bit(a: np.ndarray, mode: str) -> np.ndarray:
 def _as_pil(img: Image.Image | np.ndarray) -> Image.Image:
     if isinstance(img, np.ndarray):
         if img.dtype != np.uint8:
-            raise ValueError(f"expected a uint8 array, got {img.dtype}")
+            raise DataError(f"expected a uint8 array, got {img.dtype}")
         if img.ndim == 3 and img.shape[2] == 1:
             img = img[:, :, 0]
         if img.ndim == 2:
             return Image.fromarray(img, "L")
         if img.ndim == 3 and img.shape[2] in (3, 4):
             return Image.fromarray(img, "RGB" if img.shape[2] == 3 else "RGBA")
-        raise ValueError(f"expected an (H, W), (H, W, 3) or (H, W, 4) array, got shape {img.shape}")
+        raise DataError(f"expected an (H, W), (H, W, 3) or (H, W, 4) array, got shape {img.shape}")
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
         return Image.fromarray(_to_8bit(np.asarray(img), img.mode), "L")
     if img.mode in ("P", "PA"):

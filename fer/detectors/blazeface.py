@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from fer.data.cache import user_cache_root
-from fer.errors import DataError
+from fer.errors import ConfigError, DataError
 from fer.litert import PerThreadInterpreter, litert_available
 
 MODEL_NAME = "blazeface_full_range.onnx"
@@ -99,7 +99,7 @@ class LiteRTEngine:
 def open_engine(engine: str = "auto", model_path: Path | None = None, tflite_path: Path | None = None):
     """auto: LiteRT where ai-edge-litert is installed and the .tflite is present, else ONNX Runtime."""
     if engine not in ENGINES:
-        raise ValueError(f"BlazeFace engine {engine!r}: choose one of {', '.join(ENGINES)}")
+        raise ConfigError(f"BlazeFace engine {engine!r}: choose one of {', '.join(ENGINES)}")
     tflite = Path(tflite_path or default_tflite_path())
     if engine == "litert" or (engine == "auto" and litert_available() and tflite.is_file()):
         if not litert_available():
