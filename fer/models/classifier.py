@@ -197,17 +197,17 @@ class FERClassifier(L.LightningModule):
         if positions is None:
             raise ConfigError("optim.self_distill needs training batches of (images, labels, positions), "
                               "as fer's datamodule serves them")
-        if self.perturbed:  # SAM's second pass: the first pass's targets (the memory already holds this step's)
-            return F.cross_entropy(logits, self.distill_targets, weight=self.loss_weights)
-        base = smoothed_targets(labels, logits.shape[1], self.hparams["label_smoothing"])
-        weight = self.memory.weight(self.current_epoch, self.trainer.max_epochs)
-        self.distill_targets = self.memory.targets(base, positions, weight)
-        probs = F.softmax(logits.detach().float(), dim=1)
-        if self.trainer.world_size > 1:
-            # Each rank trains on other faces (DistributedSampler): gather, so that every rank remembers every
-            # face and its targets next epoch are one epoch old wherever the sampler puts the face.
-            positions, probs = self.all_gather(positions).flatten(), self.all_gather(probs).flatten(0, 1)
-        self.memory.remember(positions, probs)
+        # SAM's second pass keeps the first pass's targets: the memory already holds this step's predictions.
+        if not self.perturbed:
+            base = smoothed_targets(labels, logits.shape[1], self.hparams["label_smoothing"])
+            weight = self.memory.weight(self.current_epoch, self.trainer.max_epochs)
+            self.distill_targets = self.memory.targets(base, positions, weight)
+            probs = F.softmax(logits.detach().float(), dim=1)
+            if self.trainer.world_size > 1:
+                # Each rank trains on other faces (DistributedSampler): gather, so that every rank remembers every
+                # face and its targets next epoch are one epoch old wherever the sampler puts the face.
+                positions, probs = self.all_gather(positions).flatten(), self.all_gather(probs).flatten(0, 1)
+            self.memory.remember(positions, probs)
         return F.cross_entropy(logits, self.distill_targets, weight=self.loss_weights)
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
