@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from fer.checkpoint import read_checkpoint
+from fer.errors import DataError
 from fer.summary import read_json
 
 log = logging.getLogger("fer.demo")
@@ -133,7 +134,8 @@ def recompute_confusion(
     source = instantiate(run_config.data.source, _convert_="all")
     split = source.roles().val
     if split is None:
-        raise ValueError("the run's data source has no validation split of its own")
+        raise DataError(f"data.source ({run_config.data.source.get('_target_', '?')}): "
+                        "the run's data source has no validation split of its own")
     samples = source.samples(split)[:limit]
     index = {name: i for i, name in enumerate(class_names)}
     confusion = np.zeros((len(class_names), len(class_names)), dtype=np.int64)

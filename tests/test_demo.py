@@ -129,6 +129,19 @@ def test_model_card_recomputes_a_missing_confusion_matrix(demo_model, copy_run):
     assert card.confusion is None and "No confusion matrix" in card.confusion_note
 
 
+def test_recomputing_the_confusion_needs_a_validation_split_and_says_which_source_lacks_one(tmp_path):
+    from omegaconf import OmegaConf
+
+    from fer.demo_card import recompute_confusion
+    from fer.errors import DataError
+
+    (tmp_path / "train" / "happy").mkdir(parents=True)
+    Image.new("L", (48, 48)).save(tmp_path / "train" / "happy" / "a.png")
+    run_config = OmegaConf.create({"data": {"source": {"_target_": "fer.data.sources.FolderSource", "root": str(tmp_path)}}})
+    with pytest.raises(DataError, match=r"data.source \(fer.data.sources.FolderSource\): .*no validation split"):
+        recompute_confusion(lambda crops: ["happy"] * len(crops), run_config, list(CLASSES))
+
+
 def test_tta_option_reaches_the_demo(trained_run, astronaut_jpeg, demo_model, capsys):
     from fer.inference import Predictor
 

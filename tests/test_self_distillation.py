@@ -81,6 +81,19 @@ def test_distilled_loss_is_cross_entropy_against_the_softened_targets():
         model._distilled_loss(second, labels, None)
 
 
+def test_with_class_weights_the_distilled_loss_starts_from_the_plain_weighted_loss():
+    # PyTorch averages a weighted loss over the labels' weights for class indices but over the batch for
+    # probability targets; the distilled loss must average as the plain one does, or weights change its scale.
+    model = FERClassifier(backbone={"weights": "none"}, label_smoothing=0.1, self_distill=0.5)
+    model.loss_weights.copy_(torch.tensor([3.0, 0.2, 1.0, 0.5, 1.5, 0.6, 0.2]))
+    model.memory.reset(8)
+    model._trainer = SimpleNamespace(current_epoch=0, max_epochs=4, world_size=1)
+    labels, positions = torch.tensor([0, 3, 6, 0]), torch.tensor([4, 0, 7, 1])
+    logits = torch.randn(4, 7)
+    plain = F.cross_entropy(logits, labels, weight=model.loss_weights, label_smoothing=0.1)
+    assert model._distilled_loss(logits, labels, positions).item() == pytest.approx(plain.item(), rel=1e-6)
+
+
 @pytest.mark.parametrize(("options", "message"), [
     ({"self_distill": 1.0}, r"optim.self_distill=1.0: expected a value in \[0, 1\)"),
     ({"self_distill": -0.1}, r"optim.self_distill=-0.1: expected"),

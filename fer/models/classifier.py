@@ -28,7 +28,7 @@ from fer.labels import CLASSES, NUM_CLASSES
 from fer.models.backbone import create_backbone, freeze_early_stages, normalization
 from fer.models.compiling import compile_in_place
 from fer.models.depthwise import use_fast_depthwise_grad
-from fer.models.losses import check_loss, classification_loss, smoothed_targets
+from fer.models.losses import check_loss, classification_loss, smoothed_targets, soft_target_cross_entropy
 from fer.models.param_groups import apply_lr_scales, param_groups
 from fer.models.sam import SAM
 from fer.models.self_distillation import PredictionMemory, check_self_distill
@@ -208,7 +208,7 @@ class FERClassifier(L.LightningModule):
                 # face and its targets next epoch are one epoch old wherever the sampler puts the face.
                 positions, probs = self.all_gather(positions).flatten(), self.all_gather(probs).flatten(0, 1)
             self.memory.remember(positions, probs)
-        return F.cross_entropy(logits, self.distill_targets, weight=self.loss_weights)
+        return soft_target_cross_entropy(logits, self.distill_targets, labels, self.loss_weights)
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         images, labels, *positions = batch  # fer's training batches carry each face's position in the set

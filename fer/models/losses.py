@@ -48,6 +48,18 @@ def generalized_cross_entropy(logits: Tensor, labels: Tensor, q: float, label_sm
     return (w * per_face).sum() / w.sum()
 
 
+def soft_target_cross_entropy(logits: Tensor, targets: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Cross-entropy against probability `targets`, averaged as F.cross_entropy averages class-index targets.
+
+    With class weights PyTorch divides a probability-target loss by the batch size but a class-index loss by
+    the summed weights of the labels. Dividing by the latter makes the two agree when the targets are the
+    (smoothed) labels, so a self-distilled run starts from exactly the loss a plain run trains on.
+    """
+    if weight is None:
+        return F.cross_entropy(logits, targets)
+    return F.cross_entropy(logits, targets, weight=weight, reduction="sum") / weight[labels].sum()
+
+
 def classification_loss(logits: Tensor, labels: Tensor, name: str = "ce", q: float = 0.5,
                         label_smoothing: float = 0.0, weight: Tensor | None = None) -> Tensor:
     if name == "gce":
