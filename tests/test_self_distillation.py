@@ -23,7 +23,7 @@ from fer.train import train
 def test_targets_keep_the_label_until_a_face_is_seen_then_mix_in_its_last_prediction():
     memory = PredictionMemory(alpha=0.8, num_classes=7)
     memory.reset(5)
-    assert [memory.weight(e, 4) for e in (0, 1, 3, 9)] == pytest.approx([0.2, 0.4, 0.8, 0.8])  # rises, then holds
+    assert [memory.share(e, 4) for e in (0, 1, 3, 9)] == pytest.approx([0.2, 0.4, 0.8, 0.8])  # rises, then holds
     labels, positions = torch.tensor([0, 5, 6]), torch.tensor([1, 2, 3])
     base = smoothed_targets(labels, 7, 0.1)
     assert torch.equal(memory.targets(base, positions, 0.5), base)  # nothing remembered yet

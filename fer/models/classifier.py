@@ -200,7 +200,7 @@ class FERClassifier(L.LightningModule):
         # SAM's second pass keeps the first pass's targets: the memory already holds this step's predictions.
         if not self.perturbed:
             base = smoothed_targets(labels, logits.shape[1], self.hparams["label_smoothing"])
-            share = self.memory.weight(self.current_epoch, self.trainer.max_epochs)  # of last epoch's prediction
+            share = self.memory.share(self.current_epoch, self.trainer.max_epochs)  # of last epoch's prediction
             self.distill_targets = self.memory.targets(base, positions, share)
             probs = F.softmax(logits.detach().float(), dim=1)
             if self.trainer.world_size > 1:

@@ -60,15 +60,15 @@ class PredictionMemory:
         if self.probs.device != device:  # moves once, to wherever training runs
             self.probs = self.probs.to(device)
 
-    def weight(self, epoch: int, epochs: int) -> float:
+    def share(self, epoch: int, epochs: int) -> float:
         """The share of the remembered prediction in the target: rises linearly to `alpha` at the last epoch."""
         return self.alpha * min(1.0, (epoch + 1) / max(1, epochs))
 
-    def targets(self, base: Tensor, positions: Tensor, weight: float) -> Tensor:
+    def targets(self, base: Tensor, positions: Tensor, share: float) -> Tensor:
         """(B, K) label targets softened by the remembered predictions; faces not seen yet keep their labels."""
         self._follow(base.device)
         previous = self.probs[positions]
-        remembered = (1.0 - weight) * base + weight * previous
+        remembered = (1.0 - share) * base + share * previous
         return torch.where(previous.sum(dim=1, keepdim=True) > 0, remembered, base)
 
     def remember(self, positions: Tensor, probs: Tensor) -> None:
