@@ -88,7 +88,8 @@ def test_experiment_fer2013_reads_data_root(tmp_path):
 
 
 def test_cpu_hour_recipe_trains_without_erasing_and_the_gpu_recipe_with_it(tmp_path):
-    # An hour of CPU is short of fitting (docs/fer2013_recipe.md, "Why no random erasing"); long GPU runs keep the default.
+    # An hour of CPU is short of fitting (docs/fer2013_recipe.md, "Why no random erasing"); long GPU runs keep
+    # the default.
     def augment(experiment):
         cfg = compose_train(tmp_path, [f"experiment={experiment}", "data.root=/some/where"], tiny=False)
         return instantiate(cfg.data.augment)
