@@ -28,12 +28,19 @@ def canonical(name: str) -> str | None:
 
 def class_index(name: str, where: str = "", ignore: frozenset[str] | set[str] = frozenset()) -> int | None:
     """Index of `name` in CLASSES; None when listed in `ignore`; DataError naming `where` otherwise."""
+    if ignored(name, ignore):
+        return None
     found = canonical(name)
     if found is not None:
         return CLASS_TO_INDEX[found]
-    if name in ignore or name.strip().lower() in {i.lower() for i in ignore}:
-        return None
     raise DataError(
         f"{where or name}: unknown expression class {name!r}; expected one of {', '.join(CLASSES)} "
-        f"(or an alias such as anger, happiness, sadness), or list it in data.ignore_classes"
+        f"(or an alias such as anger, happiness, sadness), or list it in data.source.ignore_classes"
     )
+
+
+def ignored(name: str, ignore: frozenset[str] | set[str]) -> bool:
+    """Whether a folder `name` is left out by `ignore`: by its own name (any case), or by its class, so that
+    [disgust] also drops disgusted/ (checked before the aliases, which would otherwise keep it)."""
+    raw, found = name.strip().lower(), canonical(name)
+    return any(i.strip().lower() == raw or (found is not None and canonical(i) == found) for i in ignore)

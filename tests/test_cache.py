@@ -5,12 +5,16 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import multiprocessing
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from fer.data import cache
 from fer.data.base import Sample, Source, SplitRoles
 from fer.data.cache import CACHE_VERSION, CachedSplit, decode, default_cache_dir, load_split
 from fer.data.sources import Fer2013CsvSource, FolderSource
@@ -67,7 +71,8 @@ class ListSource(Source):
 
 
 def cache_folders(cache: Path) -> list[str]:
-    return sorted(p.name for p in cache.iterdir()) if cache.exists() else []
+    """Entries and temporary folders; not the lock files builders leave (empty, one per entry)."""
+    return sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) if cache.exists() else []
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -102,6 +107,28 @@ def test_decode_colours_resize_and_arrays():
     assert decode(hwc, 6, 3)[2].min() == 9 and decode(hwc[..., :1], 6, 1).shape == (1, 6, 6)
     with pytest.raises(DataError, match="uint8"):
         decode(gray.astype(np.float32), 8, 1)
+
+
+def test_int32_image_holding_8bit_values_is_not_darkened(tmp_path):
+    # numpy's int32 saved as TIFF opens as mode "I": values within 0..255 are 8-bit already.
+    gray = np.arange(64, dtype=np.int32).reshape(8, 8) * 4
+    path = save(tmp_path / "i32.tif", Image.fromarray(gray))
+    with Image.open(path) as im:
+        assert im.mode == "I"
+        assert np.array_equal(decode(im, 8, 1)[0], gray)
+    # "I;16" is 16-bit whatever it holds: 200 of 65535 is nearly black
+    assert np.unique(decode(Image.fromarray(np.full((8, 8), 200, np.uint16)), 4, 1)).tolist() == [1]
+
+
+def test_transparent_pixels_decode_as_white_as_fer_predict_reads_them():
+    from fer.faces import load_pixels
+
+    rgba = np.zeros((8, 8, 4), np.uint8)  # black under full transparency, except one opaque grey half
+    rgba[:, :4] = (90, 90, 90, 255)
+    for image in (Image.fromarray(rgba, "RGBA"), rgba, Image.fromarray(rgba, "RGBA").convert("LA")):
+        trained = decode(image, 8, 1)[0]
+        assert trained[:, 4:].min() == 255 and trained[:, :4].max() == 90
+        assert np.array_equal(trained, np.asarray(Image.fromarray(load_pixels(image)).convert("L")))
 
 
 def test_downscale_averages(tmp_path):
@@ -186,8 +213,24 @@ def test_bad_image_skipped(tmp_path, kind):
     assert [Path(w).name[0] for w in out.skipped] == ["b"]
     c = decode(src.load(src.samples("train")[2]), 16, 3)
     assert np.array_equal(out.images[1], c)  # c.png lands right after a.png
-    again = load_split(src, "train", 16, 3, tmp_path / "cache", on_bad="skip")
+    with pytest.warns(UserWarning, match="skipped 1 unreadable image"):  # again, on the cache hit
+        again = load_split(src, "train", 16, 3, tmp_path / "cache", on_bad="skip")
     assert again.from_cache and again.skipped == out.skipped
+
+
+def test_entry_built_with_skip_still_errors_or_warns_on_a_hit(tmp_path):
+    # The entry is shared, data.on_bad is each run's: an "error" run must not train on a skip run's holes.
+    root = corrupt_tree(tmp_path / "d", "corrupt")
+    with pytest.warns(UserWarning, match="skipped 1 unreadable image"):
+        load_split(FolderSource(root), "train", 16, 1, tmp_path / "cache", on_bad="skip")
+    with pytest.raises(DataError) as e:
+        load_split(FolderSource(root), "train", 16, 1, tmp_path / "cache")
+    bad = root / "train" / "happy" / "b.jpg"
+    assert str(e.value).startswith(f"{bad}: cannot read image (left out by an earlier data.on_bad=skip run")
+    assert "\n" not in str(e.value)
+    with pytest.warns(UserWarning, match=r"d/train: skipped 1 unreadable image\(s\): .*b\.jpg") as rec:
+        again = load_split(FolderSource(root), "train", 16, 1, tmp_path / "cache", on_bad="skip")
+    assert again.from_cache and len(rec) == 1
 
 
 def test_csv_bad_pixels_error_and_skip(tmp_path):
@@ -214,6 +257,83 @@ def test_order_kept_with_many_workers(tmp_path):
     assert out.kept.tolist() == [i for i in range(40) if i != 7]
 
 
+class SlowLoggingSource(ListSource):
+    """Appends one line per decoded sample to a file shared by processes, and decodes slowly."""
+
+    def __init__(self, log: Path):
+        super().__init__([Image.new("L", (8, 8), i) for i in range(4)])
+        self.log = log
+
+    def load(self, sample):
+        with open(self.log, "a") as f:
+            f.write(f"{sample.ref}\n")
+        time.sleep(0.1)  # a build takes long enough for every process to miss the cache at first
+        return super().load(sample)
+
+
+def build_at_once(source: Source, cache_dir: Path, barrier, results) -> None:
+    barrier.wait()
+    try:
+        out = load_split(source, "train", 8, 1, cache_dir, workers=1)
+        results.put(("ok", out.images[:, 0, 0, 0].tolist()))
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        results.put((f"{type(exc).__name__}: {exc}", None))
+
+
+def test_processes_building_one_entry_at_once_decode_it_once(tmp_path):
+    # DDP ranks and SLURM tasks set up at once: the others wait for one builder and then hit its copy.
+    ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    n = 4
+    barrier, results = ctx.Barrier(n), ctx.Queue()
+    source = SlowLoggingSource(tmp_path / "decoded.log")
+    procs = [ctx.Process(target=build_at_once, args=(source, tmp_path / "cache", barrier, results))
+             for _ in range(n)]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert outcomes == [("ok", [0, 1, 2, 3])] * n
+    assert sorted((tmp_path / "decoded.log").read_text().split()) == ["0", "1", "2", "3"]  # one build
+    assert len(cache_folders(tmp_path / "cache")) == 1  # no temporary folder left
+
+
+@pytest.mark.parametrize("lock", ["no fcntl", "flock fails"])
+def test_without_a_lock_a_broken_entry_is_still_replaced(tmp_path, monkeypatch, lock):
+    # Windows has no fcntl; some network filesystems refuse flock: the build goes on unlocked.
+    if lock == "no fcntl":
+        monkeypatch.setattr(cache, "fcntl", None)
+    elif cache.fcntl is None:
+        pytest.skip("no fcntl here")
+    else:
+        def refuse(*args):
+            raise OSError(38, "Function not implemented")
+
+        monkeypatch.setattr(cache.fcntl, "flock", refuse)
+    src = ListSource([Image.new("L", (8, 8), 5)] * 3)
+    load_split(src, "train", 8, 1, tmp_path / "cache")
+    [folder] = cache_folders(tmp_path / "cache")
+    (tmp_path / "cache" / folder / "labels.npy").unlink()  # a broken leftover under the key
+    out = load_split(src, "train", 8, 1, tmp_path / "cache")
+    assert not out.from_cache and out.images.shape == (3, 1, 8, 8)
+    assert cache_folders(tmp_path / "cache") == [folder]  # the broken copy, renamed aside, is gone too
+    assert load_split(src, "train", 8, 1, tmp_path / "cache").from_cache
+
+
+def test_decoding_threads_follow_the_usable_cpus(tmp_path, monkeypatch):
+    seen = []
+
+    class Pool(cache.ThreadPoolExecutor):
+        def __init__(self, max_workers):
+            seen.append(max_workers)
+            super().__init__(max_workers)
+
+    monkeypatch.setattr(cache, "ThreadPoolExecutor", Pool)
+    monkeypatch.setattr(cache, "usable_cpus", lambda: 3)  # e.g. a SLURM task's share of a bigger node
+    load_split(ListSource([Image.new("L", (8, 8))] * 2), "train", 8, 1, tmp_path)
+    assert seen == [3]
+
+
 class CountingSource(ListSource):
     def __init__(self, images, fp="v1"):
         super().__init__(images, fp)
@@ -234,14 +354,16 @@ def test_indices_decode_only_those_samples_in_their_own_entry(tmp_path):
     assert sub.images[:, 0, 0, 0].tolist() == [3, 20] and sub.kept.tolist() == [3, 20]
     assert sub.labels.tolist() == [3, 20 % 7]
     src.loaded.clear()
-    again = load_split(src, "train", 4, 1, tmp_path / "cache", on_bad="skip", indices=np.array([3, 12, 20]))
+    with pytest.warns(UserWarning, match="skipped 1 unreadable image.*item12"):
+        again = load_split(src, "train", 4, 1, tmp_path / "cache", on_bad="skip", indices=np.array([3, 12, 20]))
     assert again.from_cache and src.loaded == [] and again.skipped == ["item12"]
     other = load_split(src, "train", 4, 1, tmp_path / "cache", on_bad="skip", indices=np.array([3, 20]))
     assert not other.from_cache and sorted(src.loaded) == [3, 20]  # another subset, another entry
     with pytest.warns(UserWarning, match="skipped 1"):
         whole = load_split(src, "train", 4, 1, tmp_path / "cache", on_bad="skip")
     assert not whole.from_cache and len(whole.kept) == 29
-    every = load_split(src, "train", 4, 1, tmp_path / "cache", on_bad="skip", indices=np.arange(30))
+    with pytest.warns(UserWarning, match="skipped 1"):
+        every = load_split(src, "train", 4, 1, tmp_path / "cache", on_bad="skip", indices=np.arange(30))
     assert every.from_cache  # indices covering the split name the whole split's entry
     assert len([f for f in cache_folders(tmp_path / "cache") if f.startswith("list-train-sub")]) == 2
 

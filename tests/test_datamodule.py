@@ -27,6 +27,13 @@ def test_subsample_is_stratified():
     assert len(picked) == 70 and np.all(np.bincount(labels[picked]) == 10)
 
 
+def test_subsample_keeps_every_class_so_a_small_limit_is_exceeded():
+    # As its docstring says: about `limit`, never a class dropped (FER2013's train counts).
+    labels = np.repeat(np.arange(7), [3995, 436, 4097, 7215, 4830, 3171, 4965])
+    assert len(subsample(labels, np.arange(len(labels)), 5, seed=0)) == 7
+    assert abs(len(subsample(labels, np.arange(len(labels)), 2000, seed=0)) - 2000) <= 3
+
+
 def test_getitems_gathers_a_batch_in_sampler_order():
     images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1).repeat(4, 2).repeat(4, 3)
     labels = np.arange(10) % 7
@@ -63,6 +70,36 @@ def test_val_split_made_when_source_has_none(tmp_path):
     dm.setup("fit")
     assert len(dm.train_set) == 24 and len(dm.val_set) == 6
     assert np.array_equal(dm.class_counts()[[0, 3, 6]], [8, 8, 8])
+
+
+def test_ignored_class_leaves_a_zero_count_among_seven(tmp_path):
+    # data.source.ignore_classes=[disgust]: the model keeps seven outputs, disgust simply has no faces.
+    root = tmp_path / "faces"
+    for name in ("anger", "disgusted", "happiness", "neutral"):
+        (root / "train" / name).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(np.full((12, 12), i * 40, np.uint8)).save(root / "train" / name / f"{i}.png")
+    dm = FERDataModule(folder_source(root, ignore_classes=["disgust"]), image_size=12, val_fraction=0.2,
+                       sampler="balanced", cache_dir=tmp_path / "cache")
+    dm.setup("fit")
+    assert dm.class_counts().tolist() == [4, 0, 0, 4, 0, 0, 4]
+    _, labels, _ = next(iter(dm.train_dataloader()))
+    assert 1 not in labels.tolist()
+
+
+def test_skipped_images_are_warned_about_once_per_run(tmp_path):
+    # train.py calls prepare_data and setup, Lightning prepare_data again: one lookup, one warning.
+    root = tmp_path / "faces"
+    (root / "train" / "happy").mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(np.full((12, 12), i, np.uint8)).save(root / "train" / "happy" / f"{i}.png")
+    (root / "train" / "happy" / "notes.txt").write_text("not an image")
+    dm = FERDataModule(folder_source(root), image_size=12, on_bad="skip", cache_dir=tmp_path / "cache")
+    with pytest.warns(UserWarning, match="skipped 1 unreadable image") as rec:
+        dm.prepare_data()
+        dm.setup("fit")
+        dm.prepare_data()
+    assert len(rec) == 1 and len(dm.train_set) + len(dm.val_set) == 4
 
 
 def test_rows_of_maps_sample_indices_onto_decoded_rows():

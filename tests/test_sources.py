@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import collections
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from hydra.utils import instantiate
+
+from conftest import compose_train
 from fer.data.base import SplitRoles
+from fer.data.cache import load_split
 from fer.data.sources import Fer2013CsvSource, FolderSource, fer2013_source, folder_source
 from fer.errors import DataError
 from fer.labels import CLASS_TO_INDEX
@@ -97,12 +102,58 @@ def test_folder_unknown_class_and_ignore(tmp_path):
     assert [s.label for s in src.samples("train")] == [CLASS_TO_INDEX["happy"]]
 
 
+def test_unknown_class_error_names_the_real_config_key(tmp_path):
+    root = tree(tmp_path / "affectnet", {"train": {"happy": 1, "contempt": 1}})
+    with pytest.raises(DataError) as e:
+        FolderSource(root).samples("train")
+    assert one_line(e).endswith("or list it in data.source.ignore_classes")
+
+
+@pytest.mark.parametrize("ignore", [["disgust"], ["Disgusted"], ["disgusting"]])
+def test_ignoring_a_known_class_drops_its_folder_under_any_alias(tmp_path, ignore):
+    # data.source.ignore_classes=[disgust], a common FER2013 choice, must not be overruled by the aliases.
+    root = tree(tmp_path / "d", {"train": {"happy": 1, "disgusted": 1, "contempt": 1}})
+    src = FolderSource(root, ignore_classes=[*ignore, "contempt"])
+    assert [Path(s.where).parent.name for s in src.samples("train")] == ["happy"]
+    plain = tree(tmp_path / "e", {"train": {"happy": 1, "disgust": 1, "sad": 1}})
+    assert [s.label for s in FolderSource(plain, ignore_classes=ignore).samples("train")] == [
+        CLASS_TO_INDEX["happy"], CLASS_TO_INDEX["sad"]]
+
+
 def test_folder_empty_class_folder(tmp_path):
     root = tree(tmp_path / "d", {"train": {"happy": 1, "sad": 0}})
     (root / "train" / "sad" / ".DS_Store").write_bytes(b"")  # hidden files do not count
     with pytest.raises(DataError, match="empty class folder") as e:
         FolderSource(root).samples("train")
     assert str(root / "train" / "sad") in one_line(e)
+
+
+def test_flat_tree_of_alias_class_folders_gets_the_hint(tmp_path):
+    root = tree(tmp_path / "flat", {"anger": {"x": 1}, "happiness": {"y": 1}})  # no train/ level
+    with pytest.raises(DataError) as e:
+        FolderSource(root)
+    assert "class folders sit directly under root" in one_line(e)
+
+
+@pytest.mark.skipif(sys.platform in ("darwin", "win32"), reason="file names there are always Unicode")
+def test_file_names_that_are_not_utf8(tmp_path):
+    # A Latin-1 'café.png' unzipped from a Windows archive: listed, fingerprinted, cached and named printably.
+    happy = tmp_path / "d" / "train" / "happy"
+    face(happy / "ok.png")
+    with open(os.path.join(os.fsencode(happy), b"caf\xe9.png"), "wb") as f:
+        Image.new("L", (8, 8), 9).save(f, "PNG")
+    with open(os.path.join(os.fsencode(happy), b"d\xe9j\xe0.png"), "wb") as f:
+        f.write(b"not a png")
+    src = FolderSource(tmp_path / "d")
+    assert [Path(s.where).name for s in src.samples("train")] == ["caf\\xe9.png", "d\\xe9j\\xe0.png", "ok.png"]
+    assert src.fingerprint("train") == FolderSource(tmp_path / "d").fingerprint("train")
+    with pytest.raises(DataError) as e:
+        load_split(src, "train", 8, 1, tmp_path / "cache")
+    assert one_line(e).startswith(f"{happy}/d\\xe9j\\xe0.png: cannot read image (")
+    str(e.value).encode("utf-8")  # prints and logs without a UnicodeEncodeError
+    with pytest.warns(UserWarning, match=r"d\\xe9j\\xe0\.png"):
+        out = load_split(src, "train", 8, 1, tmp_path / "cache", on_bad="skip")
+    assert out.images[0].max() == 9
 
 
 def test_folder_unknown_split(tmp_path):
@@ -182,6 +233,59 @@ def test_csv_bad_rows(tmp_path, row, match):
     with pytest.raises(DataError) as e:
         src.roles()
     assert one_line(e).startswith(match)
+
+
+BAD_ROWS = {
+    "label 7": "7,1 2 3,Training",
+    "not an integer": "x,1 2 3,Training",
+    "unknown Usage": "1,1 2 3,Validation",
+    "cut short": "4,1 2 3 4",  # the last line of a partial download
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_ROWS))
+def test_csv_bad_rows_skipped_with_on_bad_skip(tmp_path, bad):
+    path = tmp_path / "fer2013.csv"
+    path.write_text(f"emotion,pixels,Usage\n0,{pixels(0)},Training\n{BAD_ROWS[bad]}\n3,{pixels(1)},Training\n")
+    with pytest.raises(DataError, match="fer2013.csv row 3: "):
+        Fer2013CsvSource(path).roles()
+    src = fer2013_source(path, on_bad="skip")
+    with pytest.warns(UserWarning, match=r"fer2013.csv: skipped 1 bad row\(s\): fer2013.csv row 3 \(first: ") as rec:
+        assert src.roles() == SplitRoles(train="Training")
+        assert [s.where for s in src.samples("Training")] == ["fer2013.csv row 2", "fer2013.csv row 4"]
+    assert len(rec) == 1  # once per source, however often it is listed
+    out = load_split(src, "Training", 48, 1, tmp_path / "cache", on_bad="skip")
+    assert out.labels.tolist() == [0, 3]
+
+
+def test_csv_skip_has_its_own_cache_entry(tmp_path):
+    # A skip listing may have rows left out; an "error" run must parse (and stop), not reuse it.
+    path = write_csv(tmp_path / "fer2013.csv", [(0, pixels(), "Training"), (9, pixels(), "Training")])
+    skip, error = Fer2013CsvSource(path, on_bad="skip"), Fer2013CsvSource(path)
+    assert skip.fingerprint("Training") != error.fingerprint("Training")
+    with pytest.warns(UserWarning, match="skipped 1 bad row"):
+        load_split(skip, "Training", 48, 1, tmp_path / "cache", on_bad="skip")
+    with pytest.raises(DataError, match="row 3: emotion 9 is outside"):
+        load_split(error, "Training", 48, 1, tmp_path / "cache")
+    with pytest.raises(DataError, match="data.on_bad='ignore'"):
+        Fer2013CsvSource(path, on_bad="ignore")
+
+
+def test_data_on_bad_reaches_the_csv_source(tmp_path):
+    path = write_csv(tmp_path / "fer2013.csv", [(0, pixels(), "Training")])
+    cfg = compose_train(tmp_path, ["data=fer2013", f"data.root={path}", "data.on_bad=skip"], tiny=False)
+    src = instantiate(cfg.data.source)
+    assert isinstance(src, Fer2013CsvSource) and src.on_bad == "skip"
+    cfg = compose_train(tmp_path, ["data=fer2013", f"data.root={path}"], tiny=False)
+    assert instantiate(cfg.data.source).on_bad == "error"
+
+
+def test_csv_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "fer2013.csv"
+    path.write_bytes(f"emotion,pixels,Usage\n0,{pixels()},Training\n".encode("utf-16"))  # Excel's "Unicode Text"
+    with pytest.raises(DataError) as e:
+        Fer2013CsvSource(path).roles()
+    assert one_line(e) == f"{path}: not UTF-8 text; save it as UTF-8"
 
 
 def test_csv_bad_pixels_detected_at_load(tmp_path):

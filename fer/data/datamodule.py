@@ -19,8 +19,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomSampler
 
 from fer.data.augment import BatchAugment, to_float
-from fer.data.base import Source
-from fer.data.cache import CachedSplit, default_cache_dir, load_split
+from fer.data.base import Source, check_on_bad
+from fer.data.cache import CachedSplit, default_cache_dir, load_split, usable_cpus
 from fer.errors import DataError
 from fer.labels import CLASSES, NUM_CLASSES
 
@@ -61,14 +61,6 @@ class ArrayDataset(Dataset):
         return np.bincount(self.labels[self.indices], minlength=NUM_CLASSES)
 
 
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask: SLURM, taskset, containers), not all of the host's."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # macOS, Windows
-        return os.cpu_count() or 1
-
-
 def keep_batch(batch: Any) -> Any:
     """collate_fn for `__getitems__` datasets: the batch is already stacked."""
     return batch
@@ -89,7 +81,11 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
 
 
 def subsample(labels: np.ndarray, indices: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
-    """At most `limit` of `indices`, stratified so a slice keeps the class balance."""
+    """About `limit` of `indices`, stratified so a slice keeps the class balance.
+
+    Each class gives its rounded share, and at least one sample when it has two or more: the slice can
+    be a few off `limit` either way, and keeps every such class even when `limit` is smaller than their number.
+    """
     if not limit or limit >= len(indices):
         return indices
     fraction = limit / len(indices)
@@ -130,8 +126,7 @@ class FERDataModule(L.LightningDataModule):
         root: str | None = None,
     ) -> None:
         super().__init__()
-        if on_bad not in ("error", "skip"):
-            raise DataError(f"data.on_bad={on_bad!r}: expected 'error' or 'skip'")
+        check_on_bad(on_bad)
         if sampler not in ("random", "balanced"):
             raise DataError(f"data.sampler={sampler!r}: expected 'random' or 'balanced'")
         self.source = source
@@ -155,6 +150,7 @@ class FERDataModule(L.LightningDataModule):
         self.val_set: ArrayDataset | None = None
         self.test_set: ArrayDataset | None = None
         self.decoded_from_cache: dict[str, bool] = {}
+        self._decoded: dict[tuple[str, bytes | None], CachedSplit] = {}
 
     # -- building the splits -------------------------------------------------------------------
     def sample_labels(self, split: str) -> np.ndarray:
@@ -191,11 +187,17 @@ class FERDataModule(L.LightningDataModule):
         return {"train": train, "val": val, "test": test}
 
     def decode(self, split: str, picks: np.ndarray | None) -> CachedSplit:
-        """The split through the cache: whole, or only `picks` (sample indices) when given."""
-        cached = load_split(self.source, split, self.image_size, self.channels, self.cache_dir,
-                            on_bad=self.on_bad, indices=picks)
-        self.decoded_from_cache[split] = cached.from_cache
-        return cached
+        """The split through the cache: whole, or only `picks` (sample indices) when given.
+
+        Kept once opened: prepare_data and setup both ask (train.py, then Lightning), and the cache is
+        looked up, and its skipped images warned about, once per run.
+        """
+        key = (split, None if picks is None else np.asarray(picks, dtype=np.int64).tobytes())
+        if key not in self._decoded:
+            self._decoded[key] = load_split(self.source, split, self.image_size, self.channels, self.cache_dir,
+                                            on_bad=self.on_bad, indices=picks)
+            self.decoded_from_cache[split] = self._decoded[key].from_cache
+        return self._decoded[key]
 
     def _decode_plan(self) -> dict[str, ArrayDataset]:
         plan = self.plan()

@@ -17,8 +17,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from fer.errors import DataError
-from fer.labels import CLASSES, NUM_CLASSES, class_index
-from fer.data.base import Sample, Source, SplitRoles
+from fer.labels import CLASSES, NUM_CLASSES, canonical, class_index
+from fer.data.base import Sample, Source, SplitRoles, check_on_bad, printable, warn_skipped
 
 TRAIN_NAMES = ("train", "training")
 VAL_NAMES = ("val", "valid", "validation")
@@ -83,9 +83,9 @@ class FolderSource(Source):
         train = find(TRAIN_NAMES)
         if train is None:
             hint = ""
-            if any(c.name.strip().lower() in CLASSES for c in _subdirs(self.root)):
+            if any(canonical(c.name) is not None for c in _subdirs(self.root)):
                 hint = " (it looks like class folders sit directly under root; move them into root/train/)"
-            found = ", ".join(sorted(self.splits)) or "none"
+            found = ", ".join(printable(s) for s in sorted(self.splits)) or "none"
             raise DataError(
                 f"data.root={self.root}: expected a train/ folder of class folders "
                 f"(<root>/train/<class>/*.jpg); split folders found: {found}{hint}"
@@ -105,15 +105,15 @@ class FolderSource(Source):
             raise DataError(f"{self.root}: no split folder {split!r}; found {', '.join(sorted(self.splits))}")
         out: list[Sample] = []
         for class_dir in _subdirs(self.splits[split]):
-            label = class_index(class_dir.name, where=str(class_dir), ignore=self.ignore_classes)
-            if label is None:  # listed in data.ignore_classes (e.g. AffectNet's contempt)
+            label = class_index(class_dir.name, where=printable(class_dir), ignore=self.ignore_classes)
+            if label is None:  # listed in data.source.ignore_classes (e.g. AffectNet's contempt)
                 continue
             with os.scandir(class_dir) as it:
                 # Every visible regular file is a sample: a stray notes.txt fails at decode time, via on_bad.
                 files = sorted(e.name for e in it if _visible(e.name) and e.is_file())
             if not files:
-                raise DataError(f"{class_dir}: empty class folder (no image files)")
-            out.extend(Sample(where=str(class_dir / f), label=label, ref=class_dir / f) for f in files)
+                raise DataError(f"{printable(class_dir)}: empty class folder (no image files)")
+            out.extend(Sample(where=printable(class_dir / f), label=label, ref=class_dir / f) for f in files)
         return out
 
     def load(self, sample: Sample) -> Image.Image:
@@ -127,7 +127,8 @@ class FolderSource(Source):
         h = hashlib.sha1(repr(CLASSES).encode())
         for s in samples:
             st = s.ref.stat()
-            h.update(f"{s.ref.relative_to(base).as_posix()}\0{s.label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            line = f"{s.ref.relative_to(base).as_posix()}\0{s.label}\0{st.st_size}\0{st.st_mtime_ns}\n"
+            h.update(line.encode("utf-8", "surrogateescape"))  # names that are not UTF-8 keep their bytes
         return h.hexdigest()
 
 
@@ -137,53 +138,74 @@ class Fer2013CsvSource(Source):
     name = "fer2013"
     REQUIRED = ("emotion", "pixels", "usage")
 
-    def __init__(self, csv_path: str | os.PathLike):
+    def __init__(self, csv_path: str | os.PathLike, on_bad: str = "error"):
         self.path = Path(csv_path)
         if not self.path.is_file():
             raise DataError(f"{self.path}: no such file")
         self.name = _safe_name(self.path.stem) if self.path.stem != "fer2013" else "fer2013"
+        self.on_bad = check_on_bad(on_bad)  # "skip" leaves malformed rows out of the listing
         self._by_usage: dict[str, list[Sample]] | None = None  # parsed on first use
 
     def _parse(self) -> dict[str, list[Sample]]:
-        if self._by_usage is not None:
-            return self._by_usage
-        fname = self.path.name
+        if self._by_usage is None:
+            try:
+                self._by_usage = self._read()
+            except UnicodeDecodeError:
+                raise DataError(f"{printable(self.path)}: not UTF-8 text; save it as UTF-8") from None
+        return self._by_usage
+
+    def _read(self) -> dict[str, list[Sample]]:
         by_usage: dict[str, list[Sample]] = {u: [] for u in FER2013_USAGES.values()}
+        bad: list[tuple[str, str]] = []  # (where, why) of the rows on_bad=skip leaves out
+        fname = printable(self.path.name)
         with open(self.path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
-            header = next(reader, None)
-            if header is None:
-                raise DataError(f"{self.path}: empty file (expected a header emotion,pixels,Usage)")
-            # The ICML variant writes "emotion, Usage, pixels": match names, not positions.
-            cols = {h.strip().lower(): i for i, h in enumerate(header)}
-            for col in self.REQUIRED:
-                if col not in cols:
-                    raise DataError(f"{self.path}: missing column {col!r} (header: {','.join(header)})")
-            ie, ip, iu = (cols[c] for c in self.REQUIRED)
-            width = max(ie, ip, iu) + 1
+            columns = self._columns(next(reader, None))
             for row in reader:
-                n = reader.line_num  # 1-based physical line, header = line 1
                 if not any(cell.strip() for cell in row):
                     continue
-                where = f"{fname} row {n}"
-                if len(row) < width:
-                    raise DataError(f"{where}: expected at least {width} columns, got {len(row)}")
-                raw = row[ie].strip()
+                where = f"{fname} row {reader.line_num}"  # 1-based physical line, header = line 1
                 try:
-                    label = int(raw)
-                except ValueError:
-                    raise DataError(f"{where}: emotion {raw!r} is not an integer 0..{NUM_CLASSES - 1}") from None
-                if not 0 <= label < NUM_CLASSES:
-                    raise DataError(f"{where}: emotion {label} is outside 0..{NUM_CLASSES - 1}")
-                usage = FER2013_USAGES.get(row[iu].strip().lower())
-                if usage is None:
-                    raise DataError(
-                        f"{where}: unknown Usage {row[iu]!r}; expected Training, PublicTest or PrivateTest"
-                    )
-                # Pixels are checked in `load`, so data.on_bad=skip can drop a damaged row.
-                by_usage[usage].append(Sample(where=where, label=label, ref=row[ip]))
-        self._by_usage = by_usage
+                    usage, sample = self._row(row, where, columns)
+                except DataError as exc:
+                    if self.on_bad == "error":
+                        raise
+                    bad.append((where, str(exc).removeprefix(f"{where}: ")))
+                    continue
+                by_usage[usage].append(sample)
+        if bad:  # typically a last line cut short by a partial download
+            warn_skipped(printable(self.path), "bad row(s)", [w for w, _ in bad], why=bad[0][1])
         return by_usage
+
+    def _columns(self, header: list[str] | None) -> tuple[int, int, int]:
+        """Positions of emotion, pixels and Usage."""
+        if header is None:
+            raise DataError(f"{self.path}: empty file (expected a header emotion,pixels,Usage)")
+        # The ICML variant writes "emotion, Usage, pixels": match names, not positions.
+        cols = {h.strip().lower(): i for i, h in enumerate(header)}
+        for col in self.REQUIRED:
+            if col not in cols:
+                raise DataError(f"{self.path}: missing column {col!r} (header: {','.join(header)})")
+        return tuple(cols[c] for c in self.REQUIRED)
+
+    def _row(self, row: list[str], where: str, columns: tuple[int, int, int]) -> tuple[str, Sample]:
+        """(Usage, sample) of one CSV row; DataError naming the row when it is malformed."""
+        ie, ip, iu = columns
+        width = max(columns) + 1
+        if len(row) < width:
+            raise DataError(f"{where}: expected at least {width} columns, got {len(row)}")
+        raw = row[ie].strip()
+        try:
+            label = int(raw)
+        except ValueError:
+            raise DataError(f"{where}: emotion {raw!r} is not an integer 0..{NUM_CLASSES - 1}") from None
+        if not 0 <= label < NUM_CLASSES:
+            raise DataError(f"{where}: emotion {label} is outside 0..{NUM_CLASSES - 1}")
+        usage = FER2013_USAGES.get(row[iu].strip().lower())
+        if usage is None:
+            raise DataError(f"{where}: unknown Usage {row[iu]!r}; expected Training, PublicTest or PrivateTest")
+        # Pixels are checked in `load`, so data.on_bad=skip can drop a damaged row.
+        return usage, Sample(where=where, label=label, ref=row[ip])
 
     def roles(self) -> SplitRoles:
         present = {u for u, rows in self._parse().items() if rows}
@@ -218,7 +240,10 @@ class Fer2013CsvSource(Source):
     def fingerprint(self, split: str) -> str:
         st = self.path.stat()
         key = f"{self.path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{split}\0{CLASSES}"
-        return hashlib.sha1(key.encode()).hexdigest()
+        # "skip" may list fewer rows than the file holds, where "error" would stop: its own cache entry, so an
+        # "error" run never takes a listing with rows left out. ("error" keeps the key it always had.)
+        key += "\0on_bad=skip" if self.on_bad == "skip" else ""
+        return hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def folder_source(root: str | os.PathLike, ignore_classes: Iterable[str] = ()) -> FolderSource:
@@ -226,19 +251,23 @@ def folder_source(root: str | os.PathLike, ignore_classes: Iterable[str] = ()) -
     return FolderSource(root, ignore_classes=ignore_classes)
 
 
-def fer2013_source(root: str | os.PathLike) -> Source:
-    """FER2013 from `data.root`: the CSV (file, or a folder holding it) or the train/test image layout."""
+def fer2013_source(root: str | os.PathLike, on_bad: str = "error") -> Source:
+    """FER2013 from `data.root`: the CSV (file, or a folder holding it) or the train/test image layout.
+
+    `on_bad` (data.on_bad) is the CSV's: "skip" leaves malformed rows out. Image folders list no rows, and
+    their unreadable images are the cache's to skip.
+    """
     root = Path(root)
     if root.is_file():
         if root.suffix.lower() == ".csv":
-            return Fer2013CsvSource(root)
+            return Fer2013CsvSource(root, on_bad)
         raise DataError(f"data.root={root}: expected fer2013.csv or a folder with train/<class>/ images")
     _require_dir(root)
     csvs = sorted(p for p in root.glob("*.csv") if _visible(p.name))
     if (root / "fer2013.csv").is_file():
-        return Fer2013CsvSource(root / "fer2013.csv")
+        return Fer2013CsvSource(root / "fer2013.csv", on_bad)
     if len(csvs) == 1:
-        return Fer2013CsvSource(csvs[0])
+        return Fer2013CsvSource(csvs[0], on_bad)
     if (root / "train").is_dir():
         src = FolderSource(root)
         r = src.roles()
