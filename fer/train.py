@@ -86,6 +86,9 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], logger: Any) -> 
     plugins = [instantiate(p) for p in configured] + [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():
         plugins.append(SLURMEnvironment(auto_requeue=False))
+    if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+        # `callbacks=none` means no checkpoints: not Lightning's default ModelCheckpoint under tensorboard/.
+        trainer_cfg.setdefault("enable_checkpointing", False)
     return instantiate(trainer_cfg, callbacks=callbacks, logger=logger, plugins=plugins)
 
 
@@ -101,12 +104,28 @@ def write_config(run_dir: Path, cfg: DictConfig) -> None:
 
 
 def finished_summary(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
-    """The saved summary when `resume` finds the run already done (a requeue after the end, a re-run sweep)."""
+    """The saved summary when `resume` finds the run already done (a requeue after the end, a re-run sweep).
+
+    Done: it completed the epochs it planned (a time budget plans fewer than trainer.max_epochs), and this
+    run asks for no more epochs than it was configured with (`trainer.max_epochs=30` trains a finished run on).
+    """
     status = read_json(run_dir / STATUS_FILE) or {}
     summary = read_json(run_dir / "summary.json")
-    if status.get("status") == "completed" and summary and (summary.get("epochs_completed") or 0) >= cfg.trainer.max_epochs:
+    if status.get("status") != "completed" or not summary:
+        return None
+    asked = cfg.trainer.max_epochs
+    planned = summary.get("planned_epochs", asked)  # summaries before planned_epochs: the configured epochs
+    if (summary.get("epochs_completed") or 0) >= planned and asked <= summary.get("max_epochs", asked):
         return summary
     return None
+
+
+def kept_metrics(run_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    """A resumed fit that validated nothing (already at its end) keeps the metrics its summary.json holds."""
+    if "val/acc" in metrics:
+        return metrics
+    previous = read_json(run_dir / "summary.json") or {}
+    return {**(previous.get("metrics") or {}), **metrics}
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -176,6 +195,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise
 
     metrics = {k: scalar(v) for k, v in trainer.callback_metrics.items()}
+    if resume_from is not None:
+        metrics = kept_metrics(run_dir, metrics)
     checkpoint = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
     epochs, global_step = spawned_progress(trainer, checkpoint) or (trainer.current_epoch, trainer.global_step)
     best_score = scalar(checkpoint.best_model_score) if checkpoint and checkpoint.best_model_score is not None else None
@@ -186,6 +207,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "last_model_path": (checkpoint.last_model_path or None) if checkpoint else None,
         "best_val_acc": best_score if best_score is not None else metrics.get("val/acc_best"),
         "epochs_completed": epochs,
+        "max_epochs": cfg.trainer.max_epochs,  # configured; planned: where the run settled (a time budget's fit)
+        "planned_epochs": trainer.fit_loop.max_epochs,
         "global_step": global_step,
         "seed": seed,
         "resumed_from": str(resume_from) if resume_from else None,

@@ -10,12 +10,23 @@ import torch
 
 from conftest import compose_train
 from fer.callbacks import BackboneFreeze, EMAWeights
+from fer.errors import ConfigError
 from fer.models.classifier import FERClassifier, scheduled_lr_factor
 from fer.train import train
 
 
 def small_model(**kwargs) -> FERClassifier:
     return FERClassifier(backbone={"weights": "none"}, **kwargs)
+
+
+def fake_trainer(steps: float, epochs: int):
+    """What configure_optimizers reads of a Trainer: `steps` optimiser steps over `epochs` epochs."""
+
+    class T:
+        estimated_stepping_batches, max_epochs = steps, epochs
+        fit_loop = type("FitLoop", (), {"max_epochs": epochs})
+
+    return T()
 
 
 def test_forward_normalises_unit_range_images_to_seven_logits():
@@ -32,6 +43,76 @@ def test_cosine_schedule_warms_up_then_decays_to_the_floor():
     assert factors[-1] == pytest.approx(0.01, abs=1e-3)
 
 
+def test_onecycle_is_a_stateless_schedule_that_resumes_with_more_epochs():
+    model = small_model(optimizer=partial(torch.optim.SGD, lr=0.1, momentum=0.9),
+                        scheduler={"name": "onecycle", "warmup_epochs": 1.0, "min_lr_ratio": 0.01})
+    model._trainer = fake_trainer(8, 2)  # warm-up min(4, 8 // 5) = 1 step: torch's OneCycleLR divided by zero
+    configured = model.configure_optimizers()
+    optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    rates = []
+    for _ in range(8):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx(0.1 / 25) and rates[1] == pytest.approx(0.1)  # OneCycleLR's div_factor
+    assert all(a > b for a, b in zip(rates[1:], rates[2:]))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 / 25 / 1e4)  # and its final_div_factor
+    assert optimizer.param_groups[0]["momentum"] == 0.9  # not cycled
+    # resume=auto trainer.max_epochs=3: a new schedule with the saved state stretches to 12 steps.
+    model._trainer = fake_trainer(12, 3)
+    configured = model.configure_optimizers()
+    resumed, again = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    resumed.load_state_dict(optimizer.state_dict())
+    again.load_state_dict(scheduler.state_dict())
+    rates = []
+    for _ in range(4):
+        resumed.step()
+        again.step()
+        rates.append(resumed.param_groups[0]["lr"])
+    assert rates[0] > 0.01 and rates[-1] == pytest.approx(0.1 / 25 / 1e4)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"label_smoothing": 1.5}, r"^optim.label_smoothing=1.5: expected a value in \[0, 1\)$"),
+    ({"mixup_alpha": -0.2}, r"^optim.mixup_alpha=-0.2: expected 0 \(off\)"),
+    ({"cutmix_alpha": -1.0}, r"^optim.cutmix_alpha=-1.0: expected 0 \(off\)"),
+    ({"scheduler": {"min_lr_ratio": 3}}, r"^optim.scheduler.min_lr_ratio=3: expected a value in \[0, 1\]$"),
+    ({"scheduler": {"warmup_epochs": -2}}, r"^optim.scheduler.warmup_epochs=-2: expected a value >= 0$"),
+    ({"scheduler": {"name": "step"}}, r"^optim.scheduler.name='step': expected one of cosine, onecycle, none$"),
+])
+def test_bad_optim_values_are_refused_when_the_model_is_built(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        small_model(**kwargs)
+
+
+def test_an_endless_run_needs_no_schedule_or_a_finite_max_epochs():
+    model = small_model()
+    model._trainer = fake_trainer(float("inf"), -1)  # trainer.max_epochs=-1: until trainer.max_time
+    with pytest.raises(ConfigError, match=r"^trainer.max_epochs=-1: optim.scheduler.name=cosine needs a finite run"):
+        model.configure_optimizers()
+    model.scheduler_cfg["name"] = "none"
+    assert "lr_scheduler" not in model.configure_optimizers()
+
+
+def test_best_accuracy_travels_in_checkpoints():
+    model = small_model()
+    checkpoint = {}
+    model.on_save_checkpoint(checkpoint)
+    assert "val_acc_best" not in checkpoint  # nothing validated yet
+    model.val_acc_best(torch.tensor(0.6))
+    model.on_save_checkpoint(checkpoint)
+    resumed = small_model()
+    resumed.on_load_checkpoint(checkpoint)
+    resumed.on_train_start()
+    resumed.val_acc_best(torch.tensor(0.4))
+    assert resumed.val_acc_best.compute() == pytest.approx(0.6)  # a worse epoch after the resume keeps the best
+    old = small_model()
+    old.on_load_checkpoint({})  # a checkpoint from before the key
+    old.on_train_start()
+    old.val_acc_best(torch.tensor(0.4))
+    assert old.val_acc_best.compute() == pytest.approx(0.4)
+
+
 def test_no_weight_decay_on_biases_and_norms():
     model = small_model(optimizer=partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.05),
                         scheduler={"name": "none"})
@@ -46,11 +127,7 @@ def test_layer_decay_lowers_the_rate_stage_by_stage_down_to_the_stem():
                         scheduler={"name": "cosine", "warmup_epochs": 0.0, "min_lr_ratio": 0.01},
                         layer_decay=0.5)
 
-    class T:  # what configure_optimizers reads of a Trainer: 10 epochs of 10 steps
-        estimated_stepping_batches, max_epochs = 100, 10
-        fit_loop = type("FitLoop", (), {"max_epochs": 10})
-
-    model._trainer = T()
+    model._trainer = fake_trainer(100, 10)
     configured = model.configure_optimizers()
     optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
     rate = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}

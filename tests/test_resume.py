@@ -110,21 +110,27 @@ def test_checkpoints_load_with_weights_only_and_keep_the_previous_last(two_epoch
     assert (Path(cfg.paths.output_dir) / "config.yaml").is_file()  # train() outside Hydra records its config
 
 
-def test_truncated_last_ckpt_resumes_from_the_previous_good_one(two_epochs, tmp_path, caplog):
+def _resumed_copy(cfg, run: Path, max_epochs: int):
+    """A copy of the fixture's run in `run`, and its config to resume it with `max_epochs` in all."""
     import shutil
 
-    cfg, _ = two_epochs
-    run = tmp_path / "run"
     shutil.copytree(cfg.paths.output_dir, run)
-    last = run / "checkpoints" / LAST
-    last.write_bytes(last.read_bytes()[: last.stat().st_size // 3])  # a half-copied / cut-off file
     again = copy.deepcopy(cfg)
     again.paths.output_dir = str(run)
     again.trainer.default_root_dir = str(run)
     again.callbacks.model_checkpoint.dirpath = str(run / "checkpoints")
     again.logger.save_dir = str(run)
     again.resume = "auto"
-    again.trainer.max_epochs = 3
+    again.trainer.max_epochs = max_epochs
+    return again
+
+
+def test_truncated_last_ckpt_resumes_from_the_previous_good_one(two_epochs, tmp_path, caplog):
+    cfg, _ = two_epochs
+    run = tmp_path / "run"
+    again = _resumed_copy(cfg, run, max_epochs=3)
+    last = run / "checkpoints" / LAST
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 3])  # a half-copied / cut-off file
     with caplog.at_level(logging.WARNING, logger="fer.resume"):
         summary = train(again)
     warnings = [r.getMessage() for r in caplog.records if r.name == "fer.resume"]
@@ -134,6 +140,46 @@ def test_truncated_last_ckpt_resumes_from_the_previous_good_one(two_epochs, tmp_
     assert summary["epochs_completed"] == 3 and summary["global_step"] == 3 * FIXTURE_STEPS
     assert (run / "checkpoints" / (LAST + ".corrupt")).is_file()
     torch.load(run / "checkpoints" / LAST, weights_only=True)  # rewritten, whole
+
+
+def test_resumed_run_reports_the_best_accuracy_of_the_whole_run(two_epochs, tmp_path, monkeypatch):
+    from fer.models.classifier import FERClassifier
+    from fer.train import objective
+
+    cfg, first = two_epochs
+    best = first["metrics"]["val/acc_best"]
+    assert best > 0
+    validate = FERClassifier.validation_step
+
+    def always_wrong(self, batch, batch_idx):  # the resumed epoch validates at 0% accuracy
+        images, _ = batch
+        with torch.no_grad():
+            return validate(self, (images, (self(images).argmax(dim=1) + 1) % 7), batch_idx)
+
+    monkeypatch.setattr(FERClassifier, "validation_step", always_wrong)
+    summary = train(_resumed_copy(cfg, tmp_path / "run", max_epochs=3))
+    assert summary["epochs_completed"] == 3 and summary["metrics"]["val/acc"] == 0.0
+    # What a sweep (Optuna) is handed for a requeued trial: the best of all its epochs, not of the resumed ones.
+    assert objective(summary, "val/acc_best") == pytest.approx(best)
+
+
+def test_a_finished_run_is_one_that_did_what_it_planned_and_is_asked_no_more(tmp_path):
+    from omegaconf import OmegaConf
+
+    from fer.summary import write_status, write_summary
+    from fer.train import finished_summary
+
+    def finished(asked: int, **summary) -> bool:
+        write_summary(tmp_path, summary)
+        return finished_summary(OmegaConf.create({"trainer": {"max_epochs": asked}}), tmp_path) is not None
+
+    write_status(tmp_path, "completed")
+    assert finished(30, epochs_completed=7, planned_epochs=7, max_epochs=30)  # a time budget fitted 7 of 30
+    assert not finished(40, epochs_completed=7, planned_epochs=7, max_epochs=30)  # asked to train on
+    assert not finished(30, epochs_completed=5, planned_epochs=7, max_epochs=30)  # stopped short (the Timer)
+    assert finished(5, epochs_completed=5) and not finished(6, epochs_completed=5)  # older summaries
+    write_status(tmp_path, "preempted")
+    assert not finished(30, epochs_completed=7, planned_epochs=7, max_epochs=30)
 
 
 def test_explicit_bad_ckpt_path_is_a_one_line_error(two_epochs, tmp_path):

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from conftest import compose_train
+from fer.errors import ConfigError
 from fer.models.classifier import FERClassifier
 from fer.models.sam import SAM
 from fer.train import train
@@ -109,3 +110,36 @@ def test_fit_with_sam_runs_two_passes_a_step_and_counts_each_sample_once(tmp_pat
     checkpoint = torch.load(summary["last_model_path"], map_location="cpu", weights_only=False)
     assert checkpoint["hyper_parameters"]["sam_rho"] == 0.05
     assert checkpoint["optimizer_states"][0]["state"]  # AdamW's moments, as a plain run saves them
+
+
+def test_perturbed_pass_reuses_the_first_pass_mixed_batch(monkeypatch):
+    torch.manual_seed(0)
+    model = FERClassifier(backbone={"weights": "none", "drop_rate": 0.0}, sam_rho=0.05, mixup_alpha=0.4,
+                          cutmix_alpha=1.0).train()  # no dropout: both passes at the same weights agree
+    draws, seen = [], []
+    original = FERClassifier._mix
+
+    def counted(self, images):
+        draws.append(self.perturbed)
+        return original(self, images)
+
+    monkeypatch.setattr(FERClassifier, "_mix", counted)
+    model.net.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    batch = (torch.rand(8, 1, 32, 32), torch.arange(8) % 7)
+    first = model.training_step(batch, 0)
+    with model.perturbed_pass():
+        second = model.training_step(batch, 0)
+    assert draws == [False]  # one draw a step: the uphill gradient is taken on the same mixed batch
+    assert torch.equal(seen[0], seen[1]) and second.item() == pytest.approx(first.item(), rel=1e-4)
+    assert model.step_mix is None  # not held on to after the step
+
+
+def test_sam_refuses_gradient_accumulation_before_training(tmp_path, monkeypatch):
+    steps = []
+    monkeypatch.setattr(FERClassifier, "training_step", lambda self, batch, batch_idx: steps.append(batch_idx))
+    cfg = compose_train(tmp_path, ["optim.sam_rho=0.05", "trainer.accumulate_grad_batches=2", "trainer.max_epochs=1",
+                                   "data.source.num_train=64", "data.source.num_val=32", "data.image_size=32"])
+    # Lightning zeroes gradients on an accumulation's first micro-batch only: the perturbed pass would add to them.
+    with pytest.raises(ConfigError, match=r"^optim.sam_rho=0.05 does not work with trainer.accumulate_grad_batches=2"):
+        train(cfg)
+    assert steps == [] and not list(tmp_path.rglob("*.ckpt"))

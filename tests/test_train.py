@@ -63,6 +63,7 @@ def test_tensorboard_has_scalars_per_epoch_confusion_matrix_and_samples(fitted):
 def test_hparams_tab_holds_final_metrics(fitted):
     cfg, summary = fitted
     from tensorboard.plugins.hparams import plugin_data_pb2
+    from tensorboard.util import tensor_util
 
     files = sorted((Path(cfg.paths.output_dir) / "tensorboard").glob("events.out.tfevents.*"))
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
@@ -75,9 +76,12 @@ def test_hparams_tab_holds_final_metrics(fitted):
                     data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
                     metric_tags |= {m.name.tag for m in data.experiment.metric_infos}
                 elif value.tag.startswith("hparams/"):
-                    logged[value.tag] = value.simple_value if value.HasField("simple_value") else None
+                    logged[value.tag] = float(tensor_util.make_ndarray(value.tensor))  # the loader's scalar form
     assert "hparams/best_val_acc" in metric_tags and "hparams/val/acc" in metric_tags
     assert "hp_metric" not in metric_tags  # no placeholder metric
+    final = {f"hparams/{k}": v for k, v in summary["metrics"].items() if v is not None and "/recall/" not in k}
+    assert set(logged) == {*final, "hparams/best_val_acc"}
+    assert logged == pytest.approx({**final, "hparams/best_val_acc": summary["best_val_acc"]})
 
 
 def test_second_run_reuses_the_cache_without_decoding(fitted, tmp_path, monkeypatch):
@@ -99,6 +103,16 @@ def test_fit_without_a_logger_still_checkpoints(tmp_path):
     assert summary["log_dir"] is None and summary["epochs_completed"] == 1
     assert Path(summary["last_model_path"]).is_file()
     assert not list(tmp_path.rglob("events.out.*"))
+
+
+def test_no_checkpoint_callback_writes_no_checkpoints(tmp_path):
+    # callbacks=none: not even Lightning's default ModelCheckpoint (it wrote tensorboard/checkpoints/*.ckpt).
+    cfg = compose_train(tmp_path, ["callbacks=none", "trainer.max_epochs=1", "data.source.num_train=64",
+                                   "data.source.num_val=32", "data.image_size=32"], tiny=False)
+    summary = train(cfg)
+    assert summary["epochs_completed"] == 1 and summary["best_model_path"] is None
+    assert summary["last_model_path"] is None and not list(tmp_path.rglob("*.ckpt"))
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["best_model_path"] is None
 
 
 def test_bad_data_stops_before_training_with_one_line(tmp_path):

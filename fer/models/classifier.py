@@ -42,12 +42,40 @@ DEFAULT_BACKBONE = {
 }
 
 
-def scheduled_lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Linear warm-up then cosine decay to `min_ratio` of the base learning rate."""
+SCHEDULES = ("cosine", "onecycle", "none")
+# torch's OneCycleLR defaults: start at max_lr / 25, end at that / 1e4.
+ONECYCLE_DIV, ONECYCLE_FINAL_DIV = 25.0, 1e4
+
+
+def _cosine_between(start: float, end: float, progress: float) -> float:
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def scheduled_lr_factor(step: int, total: int, warmup: int, min_ratio: float,
+                        warmup_from: float | None = None) -> float:
+    """Warm-up then cosine decay to `min_ratio` of the base learning rate. The warm-up is linear, or with
+    `warmup_from` (one-cycle) a cosine rise from that fraction, as torch's OneCycleLR."""
     if step < warmup:
-        return (step + 1) / warmup
+        return (step + 1) / warmup if warmup_from is None else _cosine_between(warmup_from, 1.0, step / warmup)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return _cosine_between(1.0, min_ratio, progress)
+
+
+def check_scheduler(cfg: dict[str, Any]) -> None:
+    """A clear error for an unknown schedule or a warm-up / floor out of range, naming the config key."""
+    if cfg["name"] not in SCHEDULES:
+        raise ConfigError(f"optim.scheduler.name={cfg['name']!r}: expected one of {', '.join(SCHEDULES)}")
+    if not cfg["warmup_epochs"] >= 0:
+        raise ConfigError(f"optim.scheduler.warmup_epochs={cfg['warmup_epochs']}: expected a value >= 0")
+    if not 0.0 <= cfg["min_lr_ratio"] <= 1.0:
+        raise ConfigError(f"optim.scheduler.min_lr_ratio={cfg['min_lr_ratio']}: expected a value in [0, 1]")
+
+
+def check_mixing(mixup_alpha: float, cutmix_alpha: float) -> None:
+    """A clear error for a negative mixup or CutMix alpha (a Beta distribution needs alpha > 0), naming the key."""
+    for key, alpha in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
+        if not alpha >= 0:
+            raise ConfigError(f"optim.{key}={alpha}: expected 0 (off) or a Beta(alpha, alpha) parameter > 0")
 
 
 class FERClassifier(L.LightningModule):
@@ -79,7 +107,8 @@ class FERClassifier(L.LightningModule):
             raise ConfigError(f"optim.layer_decay={layer_decay}: expected a value in (0, 1]")
         if sam_rho < 0:
             raise ConfigError(f"optim.sam_rho={sam_rho}: expected 0 (off) or a radius > 0")
-        check_loss(loss, gce_q)
+        check_loss(loss, gce_q, label_smoothing)
+        check_mixing(mixup_alpha, cutmix_alpha)
         check_self_distill(self_distill, loss, mixup_alpha, cutmix_alpha)
         if class_weights not in ("none", "inverse_freq"):
             raise ConfigError(f"optim.class_weights={class_weights!r}: expected 'none' or 'inverse_freq'")
@@ -89,6 +118,7 @@ class FERClassifier(L.LightningModule):
         self.hparams["class_names"] = list(class_names)
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.05)
         self.scheduler_cfg = {"name": "cosine", "warmup_epochs": 1.0, "min_lr_ratio": 0.01, **(scheduler or {})}
+        check_scheduler(self.scheduler_cfg)
 
         self.net = create_backbone(
             backbone["name"],
@@ -112,6 +142,7 @@ class FERClassifier(L.LightningModule):
         self.perturbed = False  # True during SAM's second pass, whose loss is not the model's own
         self.memory = PredictionMemory(self_distill, len(class_names)) if self_distill > 0 else None
         self.distill_targets: Tensor | None = None  # this step's, for SAM's second pass
+        self.step_mix: tuple[Tensor, Tensor | None, float] | None = None  # this step's mixed batch, likewise
 
         n = len(class_names)
         self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
@@ -126,6 +157,7 @@ class FERClassifier(L.LightningModule):
         self.val_recall = MulticlassRecall(num_classes=n, average=None)
         self.val_confmat = MulticlassConfusionMatrix(num_classes=n)
         self.val_acc_best = MaxMetric()
+        self.restored_acc_best: float | None = None  # a resumed run's best so far, from its checkpoint
         self.last_confusion: Tensor | None = None  # read by the confusion-matrix callback
 
     @property
@@ -167,6 +199,8 @@ class FERClassifier(L.LightningModule):
         self.val_recall.reset()
         self.val_confmat.reset()
         self.val_acc_best.reset()
+        if self.restored_acc_best is not None:  # the best covers the whole run, not just the resumed epochs
+            self.val_acc_best.update(torch.tensor(self.restored_acc_best))
         if self.memory is not None:
             faces = len(self.trainer.train_dataloader.dataset)
             if len(self.memory) != faces:  # kept when a resumed run restored it
@@ -212,7 +246,11 @@ class FERClassifier(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         images, labels, *positions = batch  # fer's training batches carry each face's position in the set
-        images, order, lam = self._mix(images)
+        if self.perturbed and self.step_mix is not None:
+            images, order, lam = self.step_mix  # SAM's gradient is taken uphill on the same mixed batch
+        else:
+            images, order, lam = self._mix(images)
+            self.step_mix = (images, order, lam) if self.sam_rho > 0 else None
         logits = self(images)
         if self.memory is not None:
             loss = self._distilled_loss(logits, labels, positions[0] if positions else None)
@@ -252,8 +290,12 @@ class FERClassifier(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.memory is not None:  # outside the state dict: a resumed run needs it, inference does not
             checkpoint["prediction_memory"] = self.memory.state_dict()
+        best = float(self.val_acc_best.max_value)  # the same on every rank: it was fed synced accuracies
+        if math.isfinite(best):  # -inf: nothing validated yet
+            checkpoint["val_acc_best"] = best
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.restored_acc_best = checkpoint.get("val_acc_best")  # older checkpoints have none
         saved = checkpoint.get("prediction_memory")
         if self.memory is not None and saved is not None:
             self.memory.load_state_dict(saved)
@@ -270,19 +312,34 @@ class FERClassifier(L.LightningModule):
         try:
             yield
         finally:
-            self.perturbed = False
+            self.perturbed, self.step_mix = False, None
             for m, momentum in zip(norms, momenta):
                 m.momentum = momentum
 
+    def _check_trainer(self) -> None:
+        """Trainer settings that this module's optimisation cannot serve: refused before the first step."""
+        if self._trainer is None:
+            return
+        if self.sam_rho > 0 and str(self.trainer.precision).startswith("16"):
+            # torch's GradScaler steps without the closure SAM needs for its second pass.
+            raise ConfigError(f"optim.sam_rho={self.sam_rho} does not work with trainer.precision="
+                              f"{self.trainer.precision}: use 32-true or bf16-mixed")
+        accumulate = getattr(self.trainer, "accumulate_grad_batches", 1)
+        if self.sam_rho > 0 and accumulate > 1:
+            # Lightning zeroes gradients on the first micro-batch only: the perturbed pass would add to the sum.
+            raise ConfigError(f"optim.sam_rho={self.sam_rho} does not work with trainer.accumulate_grad_batches="
+                              f"{accumulate}: use 1 (or a larger data.batch_size)")
+        if self.scheduler_cfg["name"] != "none" and not math.isfinite(self.trainer.estimated_stepping_batches):
+            raise ConfigError(f"trainer.max_epochs={self.trainer.max_epochs}: optim.scheduler.name="
+                              f"{self.scheduler_cfg['name']} needs a finite run; set trainer.max_epochs (an upper "
+                              f"bound that FitEpochsToMaxTime fits to trainer.max_time) or optim.scheduler.name=none")
+
     def configure_optimizers(self) -> dict[str, Any]:
+        self._check_trainer()
         groups = param_groups(self.net, skip=self.frozen_parameters, layer_decay=self.layer_decay)
         optimizer = self.optimizer_factory(params=groups)
         apply_lr_scales(optimizer)
         if self.sam_rho > 0:
-            if self._trainer is not None and str(self.trainer.precision).startswith("16"):
-                # torch's GradScaler steps without the closure SAM needs for its second pass.
-                raise ConfigError(f"optim.sam_rho={self.sam_rho} does not work with trainer.precision="
-                                  f"{self.trainer.precision}: use 32-true or bf16-mixed")
             optimizer = SAM(optimizer, rho=self.sam_rho, perturbed_pass=self.perturbed_pass)
         name = self.scheduler_cfg["name"]
         if name == "none":
@@ -291,24 +348,17 @@ class FERClassifier(L.LightningModule):
         per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
         # Capped at a fifth of the run, so a short run (one epoch) still reaches its decay phase.
         warmup = min(int(self.scheduler_cfg["warmup_epochs"] * per_epoch), total // 5)
-        if name == "cosine":
-            min_ratio = self.scheduler_cfg["min_lr_ratio"]
+        # onecycle: torch's OneCycleLR shape, built here without its state (total_steps), so resuming with more
+        # epochs just stretches it; its momentum cycling is left out (the configured momentum / beta1 holds).
+        min_ratio, warmup_from = ((self.scheduler_cfg["min_lr_ratio"], None) if name == "cosine" else
+                                  (1.0 / (ONECYCLE_DIV * ONECYCLE_FINAL_DIV), 1.0 / ONECYCLE_DIV))
 
-            def factor(step: int) -> float:
-                # Follows max_epochs when a callback shortens the run (fer.time_budget.FitEpochsToMaxTime).
-                # A closure, not a callable object: LambdaLR would otherwise pickle it into checkpoints.
-                max_epochs = self.trainer.fit_loop.max_epochs if self._trainer is not None else None
-                length = min(total, per_epoch * max_epochs) if max_epochs and max_epochs > 0 else total
-                return scheduled_lr_factor(step, total=length, warmup=warmup, min_ratio=min_ratio)
+        def factor(step: int) -> float:
+            # Follows max_epochs when a callback shortens the run (fer.time_budget.FitEpochsToMaxTime).
+            # A closure, not a callable object: LambdaLR would otherwise pickle it into checkpoints.
+            max_epochs = self.trainer.fit_loop.max_epochs if self._trainer is not None else None
+            length = min(total, per_epoch * max_epochs) if max_epochs and max_epochs > 0 else total
+            return scheduled_lr_factor(step, total=length, warmup=warmup, min_ratio=min_ratio, warmup_from=warmup_from)
 
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        elif name == "onecycle":
-            scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer,
-                max_lr=[group["lr"] for group in optimizer.param_groups],
-                total_steps=total,
-                pct_start=min(0.5, max(warmup / total, 0.01)),
-            )
-        else:
-            raise ConfigError(f"optim.scheduler.name={name!r}: expected cosine, onecycle or none")
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -23,8 +23,10 @@ from fer.errors import ConfigError
 LOSSES = ("ce", "gce")
 
 
-def check_loss(name: str, q: float) -> None:
-    """A clear error for an unknown loss or a q outside (0, 1], naming the config key."""
+def check_loss(name: str, q: float, label_smoothing: float = 0.0) -> None:
+    """A clear error for an unknown loss, a q outside (0, 1] or a smoothing outside [0, 1), naming the config key."""
+    if not 0.0 <= label_smoothing < 1.0:  # 1 would leave no label in the target
+        raise ConfigError(f"optim.label_smoothing={label_smoothing}: expected a value in [0, 1)")
     if name not in LOSSES:
         raise ConfigError(f"optim.loss={name!r}: expected one of {', '.join(LOSSES)}")
     if name == "gce" and not 0.0 < q <= 1.0:
