@@ -413,10 +413,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_predictor(checkpoint: str | Path, args: argparse.Namespace) -> Any:
     """The demo's Predictor: `checkpoint` as the caller resolved it (the file its model card describes)."""
     from fer.faces import FaceDetector
-    from fer.inference import Predictor
+    from fer.inference import Predictor, resolve_device
 
     # The page's detector settings vary per request around this one (DemoModel); the method stays.
-    return Predictor.from_checkpoint(checkpoint, device=args.device, tta=args.tta,
+    # Faces are cropped with the Predictor's default margin (fer.faces.DEFAULT_MARGIN, FER2013's framing).
+    return Predictor.from_checkpoint(checkpoint, device=resolve_device(args.device, "--device"), tta=args.tta,
                                      detector=FaceDetector(method=args.detector))
 
 

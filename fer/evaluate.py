@@ -43,6 +43,7 @@ from fer.checkpoint import LoadedCheckpoint, load_checkpoint, write_calibration
 from fer.data.datamodule import rows_of
 from fer.data.sources import FolderSource, _subdirs
 from fer.errors import CheckpointError, ConfigError, DataError
+from fer.inference import resolve_device
 from fer.labels import canonical
 from fer.plots import confusion_matrix_figure
 from fer.summary import scalar
@@ -52,32 +53,40 @@ from fer.utils import CONFIG_DIR, one_line_errors
 log = logging.getLogger("fer.evaluate")
 
 FOLDER_TARGETS = ("fer.data.sources.folder_source", "fer.data.sources.FolderSource")
+DATAMODULE = "fer.data.datamodule.FERDataModule"
+RUN_SPLIT_KEYS = ("val_fraction", "split_seed")  # which images a source without a val split holds out
 
 
 # -- which data -------------------------------------------------------------------------------------
 def data_config(cfg: DictConfig, loaded: LoadedCheckpoint, image_size: int) -> tuple[dict[str, Any], str]:
     """The FERDataModule config to evaluate on, resolved, and where it came from.
 
-    Priority: `data=` on the command line, else the checkpoint run's own data config; `data_dir` swaps
-    in a folder tree. Size and channels always follow the checkpoint, the cache directory this machine.
+    Priority: a whole `data=` config on the command line (with the run's held-out split settings, unless
+    given too), else the checkpoint run's own data config, with any single `data.*` keys given over it;
+    `data_dir` swaps in a folder tree. Size and channels always follow the checkpoint, the cache
+    directory this machine.
     """
-    origin = "data (command line)"
-    data = OmegaConf.to_container(cfg.data, resolve=False) if cfg.get("data") is not None else None
-    if data is None and loaded.run_config is not None and loaded.run_config.get("data") is not None:
-        data = OmegaConf.to_container(loaded.run_config.data, resolve=False)
-        origin = f"{loaded.run_dir}/.hydra/config.yaml"
+    given = _container(cfg.get("data"))
+    run_data = _container(loaded.run_config.get("data")) if loaded.run_config is not None else None
+    if given is not None and "_target_" in given:  # data=fer2013 ...: a data config of its own
+        data, origin = _with_run_split(given, run_data, cfg), "data (command line)"
+    else:  # keys only (+data.on_bad=skip): over the run's data config, or over the bare data module
+        data, origin = run_data, f"{loaded.run_dir}/.hydra/config.yaml"
+        if data is None and (given or cfg.get("data_dir")):
+            data, origin = {"_target_": DATAMODULE}, "data (command line)"
+        if given and data is not None:
+            data = _container(OmegaConf.merge(data, given))
     if cfg.get("data_dir"):
         root = str(Path(str(cfg.data_dir)).expanduser())
-        data = dict(data or {"_target_": "fer.data.datamodule.FERDataModule"})
         data["source"] = {"_target_": "fer.data.sources.any_folder_source", "root": root, "ignore_classes": []}
         data["root"] = root
         origin = f"data_dir={root}"
-    if data is None:
+    if data is None or not data.get("source"):
         raise DataError(
             f"{loaded.path}: no data to evaluate on: it is not inside its run directory, so give "
             f"data=synthetic|fer2013|folder (data.root=...) or data_dir=PATH"
         )
-    source = data.get("source") or {}
+    source = data["source"]
     if source.get("_target_") in FOLDER_TARGETS:
         # Evaluation also takes trees without a train/ folder (<root>/<class>/, <root>/test/<class>/).
         source["_target_"] = "fer.data.sources.any_folder_source"
@@ -89,6 +98,30 @@ def data_config(cfg: DictConfig, loaded: LoadedCheckpoint, image_size: int) -> t
     return OmegaConf.to_container(root_cfg.data, resolve=True), origin
 
 
+def _container(node: Any) -> dict[str, Any] | None:
+    return OmegaConf.to_container(node, resolve=False) if node is not None else None
+
+
+def _with_run_split(data: dict[str, Any], run_data: dict[str, Any] | None, cfg: DictConfig) -> dict[str, Any]:
+    """`data` with the run's val_fraction and split_seed where the command line did not set them: the
+    held-out "val" (calibrate=true, split=val) is then the slice the run held out, not its training images."""
+    given = command_line_keys(cfg)
+    for key in RUN_SPLIT_KEYS:
+        if run_data is not None and key in run_data and f"data.{key}" not in given:
+            data[key] = run_data[key]
+    return data
+
+
+def command_line_keys(cfg: DictConfig) -> set[str]:
+    """The keys the command line set (`data.split_seed=1` -> "data.split_seed"), as Hydra recorded them."""
+    from hydra.core.hydra_config import HydraConfig
+
+    task = OmegaConf.select(cfg, "hydra.overrides.task", default=None)  # a config composed with Hydra's own
+    if task is None and HydraConfig.initialized():
+        task = HydraConfig.get().overrides.task
+    return {override.split("=", 1)[0].lstrip("+~") for override in task or []}
+
+
 def leave_out_unknown_classes(source: Any) -> list[str]:
     """Class folders fer has no class for (e.g. AffectNet's contempt) are ignored, not an error; their names."""
     if not isinstance(source, FolderSource):
@@ -97,6 +130,16 @@ def leave_out_unknown_classes(source: Any) -> list[str]:
     # The listing is lazy (nothing read yet), so widening the ignore set here takes effect for every split.
     source.ignore_classes = frozenset(source.ignore_classes | set(unknown))
     return unknown
+
+
+def shares_images_with_val(dm: Any, which: str) -> bool:
+    """Whether the `which` split and the val split (what calibrate=true fits on) hold any image in common:
+    one folder for every role (<dir>/<class>/), or split=val."""
+    plan = dm.plan(limits=False)
+    (split, picks), (val_split, val_picks) = plan[which], plan["val"]
+    if split != val_split:
+        return False
+    return picks is None or val_picks is None or bool(np.intersect1d(picks, val_picks).size)
 
 
 def split_arrays(dm: Any, which: str) -> tuple[np.ndarray, np.ndarray, str]:
@@ -155,12 +198,6 @@ def one_or_all(values: list[Any]) -> Any:
 
 
 # -- running the model -----------------------------------------------------------------------------
-def pick_device(device: str) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def all_logits(model: torch.nn.Module, images: np.ndarray, tta: str, batch_size: int, device: torch.device) -> torch.Tensor:
     """(N, views, classes) logits of uint8 (N, C, H, W) images; `batch_size` counts views, not images."""
     model = model.to(device).eval()
@@ -214,7 +251,8 @@ def report_table(report: dict[str, Any]) -> Table:
     cal = report["calibration"]
     table.add_row(f"ECE ({ECE_BINS} bins)", "", "", f"{cal['ece']:.4f}", "")
     if not isinstance(cal["temperature"], list) and cal["temperature"] != 1.0:
-        table.add_row(f"ECE, T={cal['temperature']:.3f}", "", "", f"{cal['ece_calibrated']:.4f}", "")
+        in_sample = " [yellow](in-sample)[/]" if (cal["fitted"] or {}).get("same_images_as_evaluation") else ""
+        table.add_row(f"ECE, T={cal['temperature']:.3f}{in_sample}", "", "", f"{cal['ece_calibrated']:.4f}", "")
     return table
 
 
@@ -222,12 +260,15 @@ def report_table(report: dict[str, Any]) -> Table:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate `cfg.ckpt_path` as `cfg` says; writes report.json and confusion_matrix.png, returns the report."""
     started = time.perf_counter()
+    if OmegaConf.is_missing(cfg, "ckpt_path"):
+        raise ConfigError("ckpt_path: give a .ckpt, a run directory or a list of them "
+                          "(fer-eval ckpt_path=logs/train/runs/<run>)")
     check_mode(cfg.tta)
     if cfg.split not in ("test", "val"):
         raise ConfigError(f"split={cfg.split!r}: expected test or val")
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg.get("device", "auto"))
+    device = torch.device(resolve_device(cfg.get("device", "auto")))
 
     members = load_members(cfg.ckpt_path)
     if cfg.get("calibrate") and len(members) > 1:
@@ -255,10 +296,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         temperature = fit_temperature(val_logits, val_labels)
         val_raw = torch.softmax(val_logits, 1)
         val_cal = torch.softmax(val_logits / temperature, 1)
+        in_sample = shares_images_with_val(dm, cfg.split)
         fitted = {
             "temperature": temperature,
             "fitted_on": f"{origin}: split {val_name}",
-            "same_images_as_evaluation": val_name == split_name,
+            "same_images_as_evaluation": in_sample,
             "at_range_bound": at_range_bound(temperature),
             "num_samples": int(len(val_labels)),
             "nll_before": nll(val_logits, val_labels),
@@ -267,7 +309,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "ece_after": expected_calibration_error(val_cal, val_labels),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        write_calibration(loaded.path, fitted)
+        if not in_sample:  # a temperature fitted on the test images would flatter every later evaluation
+            write_calibration(loaded.path, fitted)
         temperatures = [temperature]  # calibrate=true takes a single checkpoint
 
     # Each member's views averaged at its own temperature, then the members averaged (one member: itself).
@@ -300,7 +343,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "ece": expected_calibration_error(probs_raw, labels),  # before temperature scaling
             "temperature": one_or_all(temperatures),
             "ece_calibrated": expected_calibration_error(probs, labels),  # after (equal when T = 1)
-            "nll": nll(logits.mean(1), labels) if cfg.tta == "none" and len(members) == 1 else None,
+            # at `temperature`, as the probabilities scored above (a single view of a single model only)
+            "nll": nll(logits[:, 0], labels, temperature) if cfg.tta == "none" and len(members) == 1 else None,
             "fitted": fitted,
             "stored_in_checkpoint": one_or_all([m.calibration for m in members]),
         },
@@ -322,15 +366,26 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if left_out:
         console.print(f"left out (no fer class): {', '.join(left_out)}")
     if fitted:
-        console.print(f"calibration: T={temperature:.3f} fitted on {fitted['fitted_on']}; "
-                      f"val ECE {fitted['ece_before']:.4f} -> {fitted['ece_after']:.4f}; stored in {loaded.path}")
-        if fitted["at_range_bound"]:
-            why = ("the model is barely better than chance there" if temperature == TEMPERATURE_RANGE[1]
-                   else "the model's logits are far too small there")
-            console.print(f"[yellow]warning: T stopped at the bound of {TEMPERATURE_RANGE} on {fitted['fitted_on']}: "
-                          f"{why}, so the fit is not trustworthy[/yellow]")
+        print_calibration(console, fitted, loaded.path)
     console.print(f"report: {out_dir / 'report.json'}")
     return report
+
+
+def print_calibration(console: Console, fitted: dict[str, Any], path: Path) -> None:
+    """The fitted temperature, where it was stored, and what to distrust about it."""
+    temperature = fitted["temperature"]
+    stored = "not stored in the checkpoint" if fitted["same_images_as_evaluation"] else f"stored in {path}"
+    console.print(f"calibration: T={temperature:.3f} fitted on {fitted['fitted_on']}; "
+                  f"val ECE {fitted['ece_before']:.4f} -> {fitted['ece_after']:.4f}; {stored}")
+    if fitted["same_images_as_evaluation"]:
+        console.print("[yellow]warning: T was fitted on the evaluated images (a <dir>/<class>/ tree, or split=val): "
+                      "the calibrated ECE is in-sample, and T is not stored in the checkpoint. Calibrate on "
+                      "data with a val/ split or a train/ split to hold one out from[/yellow]")
+    if fitted["at_range_bound"]:
+        why = ("the model is barely better than chance there" if temperature == TEMPERATURE_RANGE[1]
+               else "the model's logits are far too small there")
+        console.print(f"[yellow]warning: T stopped at the bound of {TEMPERATURE_RANGE} on {fitted['fitted_on']}: "
+                      f"{why}, so the fit is not trustworthy[/yellow]")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")

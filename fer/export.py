@@ -77,6 +77,14 @@ def probability_model(model: nn.Module, temperature: float = 1.0) -> Probability
     return ProbabilityModel(net, model.mean.cpu(), model.std.cpu(), temperature).eval()
 
 
+def face_crop_text() -> str:
+    """How fer crops a detected face for the model (fer.faces.crop_face at its default margin)."""
+    from fer.faces import DEFAULT_MARGIN
+
+    return (f"a square of side {1 + 2 * DEFAULT_MARGIN:g}x the longer side of the detected face box, about its centre "
+            f"(pixels outside the photo repeat its edge), resized (bilinear) to the input size")
+
+
 def metadata(model: nn.Module, image_size: int, channels: int, temperature: float,
              class_names: Sequence[str], checkpoint: str | None = None, fmt: str = "onnx") -> dict[str, str]:
     """What a user of the file needs to feed it: every value a string (ONNX metadata_props are strings)."""
@@ -100,7 +108,7 @@ def metadata(model: nn.Module, image_size: int, channels: int, temperature: floa
         "fer.class_names": json.dumps(list(class_names)),
         "fer.temperature": repr(float(temperature)),
         "fer.backbone": str((hp.get("backbone") or {}).get("name", "")),
-        "fer.face_crop": "a detected face box widened by 20% on every side, resized (bilinear) to the input size",
+        "fer.face_crop": face_crop_text(),
         "fer.checkpoint": Path(checkpoint).name if checkpoint else "",
     }
 

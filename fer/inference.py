@@ -27,7 +27,17 @@ import torch
 from fer.checkpoint import LoadedCheckpoint, load_checkpoint, load_classifier
 from fer.data.cache import decode
 from fer.errors import CheckpointError, ConfigError, DataError
-from fer.faces import Box, FaceDetector, ImageError, ImageInput, crop_box, load_pixels
+from fer.faces import (
+    DEFAULT_MARGIN,
+    Box,
+    Detection,
+    FaceDetector,
+    ImageError,
+    ImageInput,
+    check_margin,
+    crop_face,
+    load_pixels,
+)
 from fer.tta import check_mode, images_per_pass, per_view
 from fer.utils import one_line
 
@@ -77,6 +87,21 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_device(device: str | None, key: str = "device") -> str:
+    """`device`, or the default for None / "auto"; a ConfigError naming `key` for one this machine lacks."""
+    if device in (None, "auto"):
+        return default_device()
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"{key}={device}: not a device; expected cpu, cuda, cuda:1 ... or auto") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{key}={device}: CUDA is not available on this machine; use cpu (or auto)")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"{key}={device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return str(device)
+
+
 def default_batch_size(device: str) -> int:
     # Face crops are small (48-64 px): a GPU takes hundreds at once; on a CPU larger batches gain nothing.
     return 256 if str(device).startswith("cuda") else 32
@@ -94,7 +119,7 @@ class Predictor:
         detector: FaceDetector | None = None,
         device: str | None = None,
         batch_size: int | None = None,
-        margin: float = 0.2,
+        margin: float = DEFAULT_MARGIN,
         fallback: str = "none",
         temperature: float = 1.0,
         backend: str = "auto",
@@ -107,14 +132,14 @@ class Predictor:
             raise ConfigError(f"fallback={fallback!r}: expected 'none' or 'full-image'")
         if backend not in BACKENDS:
             raise ConfigError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
-        self.device = device or default_device()
+        self.device = resolve_device(device)
         self.model = model.to(self.device).eval() if model is not None else None
         self.class_names = list(class_names)
         self.image_size = int(image_size)
         self.channels = int(channels)
         self.detector = detector or FaceDetector()
         self.batch_size = int(batch_size or default_batch_size(self.device))
-        self.margin = float(margin)
+        self.margin = check_margin(margin)
         self.fallback = fallback
         self.temperature = float(temperature)
         self.tta = tta  # fer.tta views of every crop, their probabilities averaged (as fer-eval tta=...)
@@ -209,11 +234,12 @@ class Predictor:
         return exported_runner(fmt, path)
 
     # -- preprocessing ----------------------------------------------------------------------------
-    def preprocess(self, image: np.ndarray, box: Box) -> np.ndarray:
-        """The model's input for one face of a `load_pixels` array: margin around the box, gray or RGB,
-        resized as the training data was (fer.data.cache.decode); uint8 (C, S, S)."""
-        left, top, right, bottom = crop_box(box, (image.shape[1], image.shape[0]), self.margin)
-        return decode(image[top:bottom, left:right], self.image_size, self.channels)
+    def preprocess(self, image: np.ndarray, face: Box | None) -> np.ndarray:
+        """The model's input for one face of a `load_pixels` array: the square crop around its unclipped box
+        (fer.faces.crop_face; None: the whole image, a pre-cropped face), gray or RGB, resized as the
+        training data was (fer.data.cache.decode); uint8 (C, S, S)."""
+        pixels = image if face is None else crop_face(image, face, self.margin)
+        return decode(pixels, self.image_size, self.channels)
 
     def probabilities(self, crops: np.ndarray) -> np.ndarray:
         """uint8 (N, C, S, S) crops -> probabilities (N, classes), `batch_size` images per forward pass
@@ -252,12 +278,12 @@ class Predictor:
             try:
                 image = load_pixels(item, name)
                 result.height, result.width = image.shape[:2]
-                boxes = self.detector(image)
+                found = self.detector.find(image)
                 detected = True
-                if not boxes and self.fallback == "full-image":
-                    boxes, detected = [(0, 0, result.width, result.height)], False
-                for box in boxes:
-                    crops.append(self.preprocess(image, box))
+                if not found and self.fallback == "full-image":
+                    found, detected = [Detection((0, 0, result.width, result.height), None)], False
+                for box, face in found:
+                    crops.append(self.preprocess(image, face))
                     owners.append((result, tuple(int(v) for v in box), detected))
             except (ImageError, DataError) as exc:
                 if errors == "raise":

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Iterable
 
 from fer.errors import FERError
-from fer.faces import DETECTOR_HELP, DETECTORS, FaceDetector, load_image
-from fer.inference import BACKENDS, ImageResult, Predictor
+from fer.faces import DEFAULT_MARGIN, DETECTOR_HELP, DETECTORS, FaceDetector, check_margin, load_image
+from fer.inference import BACKENDS, ImageResult, Predictor, resolve_device
 from fer.tta import MODES as TTA_MODES
 from fer.utils import err_console
 
@@ -45,7 +45,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--detector", choices=DETECTORS, default=FaceDetector.method, help=DETECTOR_HELP)
     p.add_argument("--fallback", choices=("none", "full-image"), default="none",
                    help="when no face is found: report it (none, default) or classify the whole image")
-    p.add_argument("--margin", type=float, default=0.2, help="context around each face box, as a fraction of it")
+    p.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
+                   help=f"context around each face box, as a fraction of its longer side: faces are cropped "
+                        f"as squares 1 + 2 * margin times that side (default {DEFAULT_MARGIN}: FER2013's framing)")
     p.add_argument("--image-size", type=int, default=None,
                    help="model input size (default: the size the checkpoint was trained at)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write every result to FILE as JSON")
@@ -181,6 +183,9 @@ def save_pictures(out_dir: Path, result: ImageResult, stem: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Checked first, so an error names the option as typed (the Predictor checks them again).
+    check_margin(args.margin, "--margin")
+    resolve_device(args.device, "--device")
     files, missing = expand_inputs(args.paths)
     for line in missing:
         err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)

@@ -15,7 +15,7 @@ from fer.errors import ConfigError
 MODES = ("none", "flip", "shift", "shift_rotate", "tencrop")
 NUM_VIEWS = {"none": 1, "flip": 2, "shift": 10, "shift_rotate": 14, "tencrop": 10}
 CROP_SCALE = 0.875  # torchvision's ten-crop at the usual 224/256 ratio
-SHIFT = 1 / 16  # of the side: 4 px at 64 px, inside the +-5% translations the training data saw
+SHIFT = 1 / 16  # of the side: 4 px at 64 px (6.25%), a little past the +-5% translations the training data saw
 ROTATE_DEGREES = 5.0  # half the +-10 degrees the training data saw: faces tilt a little, both ways
 
 

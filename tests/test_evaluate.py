@@ -198,3 +198,86 @@ def test_ensemble_members_must_agree(copy_run, trained_run, tmp_path):
     # One size given for all: both scored at it.
     report = evaluate(compose_eval(tmp_path, [f"ckpt_path=[{trained_run},{other}]", "image_size=56"]))
     assert report["image_size"] == 56 and len(report["checkpoint"]) == 2
+
+
+def test_missing_checkpoint_and_bad_device_are_one_line_config_errors(tmp_path, trained_run, monkeypatch):
+    from fer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ckpt_path: give a .ckpt, a run directory or a list of them"):
+        evaluate(compose_eval(tmp_path, []))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
+    with pytest.raises(ConfigError, match="device=cuda: CUDA is not available on this machine"):
+        evaluate(compose_eval(tmp_path, [f"ckpt_path={trained_run}", "device=cuda"]))
+
+
+def test_fer_eval_without_a_checkpoint_is_one_line(tmp_path):
+    cmd = [sys.executable, "-m", "fer.evaluate", f"paths.log_dir={tmp_path / 'logs'}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("error: ckpt_path: give a .ckpt"), proc.stderr
+
+
+def test_data_keys_on_the_command_line_go_over_the_data_config(trained_run, tmp_path):
+    tree = _face_tree(tmp_path / "faces")
+    (tree / "sad" / "broken.png").write_bytes(b"not a png")
+    report = evaluate(compose_eval(tmp_path, [f"ckpt_path={trained_run}", f"data_dir={tree}", "+data.on_bad=skip"]))
+    assert report["num_samples"] == 3 * len(CLASSES)  # the broken file skipped, the rest scored
+
+
+def test_a_whole_data_config_keeps_the_runs_held_out_split(copy_run, tmp_path):
+    """data=... on the command line: the run's val_fraction and split_seed, unless given there too."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from fer.checkpoint import load_checkpoint
+    from fer.evaluate import data_config
+    from fer.utils import CONFIG_DIR
+
+    run = copy_run()
+    config = OmegaConf.load(run / ".hydra" / "config.yaml")
+    config.data.split_seed, config.data.val_fraction = 1, 0.25
+    OmegaConf.save(config, run / ".hydra" / "config.yaml")
+    loaded = load_checkpoint(run)
+
+    def data_for(*overrides: str) -> dict:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose("eval", overrides=[f"ckpt_path={run}", "data=synthetic", *overrides],
+                          return_hydra_config=True)  # Hydra's record of the command line, as fer-eval has it
+        return data_config(cfg, loaded, 48)[0]
+
+    data = data_for()
+    assert (data["split_seed"], data["val_fraction"]) == (1, 0.25)
+    data = data_for("data.split_seed=0")
+    assert (data["split_seed"], data["val_fraction"]) == (0, 0.25)
+
+
+def test_calibrating_on_the_evaluated_images_warns_and_stores_nothing(copy_run, tmp_path, capsys):
+    run = copy_run()
+    tree = _face_tree(tmp_path / "faces")  # <dir>/<class>/: one folder is the test and the val split
+    report = evaluate(compose_eval(tmp_path, [f"ckpt_path={run}", f"data_dir={tree}", "calibrate=true"]))
+    assert report["calibration"]["fitted"]["same_images_as_evaluation"]
+    assert CALIBRATION_KEY not in torch.load(best_checkpoint(run), weights_only=True)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(in-sample)" in out and "warning: T was fitted on the evaluated images" in out
+    assert "not stored in the checkpoint" in out
+
+
+def test_reported_nll_is_at_the_applied_temperature(copy_run, tmp_path):
+    from fer.checkpoint import load_checkpoint, write_calibration
+    from fer.evaluate import all_logits, data_config, split_arrays
+    from hydra.utils import instantiate
+
+    run = copy_run()
+    write_calibration(best_checkpoint(run), {"temperature": 2.0})
+    calibrated = evaluate(compose_eval(tmp_path / "t2", [f"ckpt_path={run}"]))["calibration"]
+    raw = evaluate(compose_eval(tmp_path / "t1", [f"ckpt_path={run}", "use_calibration=false"]))["calibration"]
+    loaded = load_checkpoint(run)
+    dm = instantiate(data_config(compose_eval(tmp_path, [f"ckpt_path={run}"]), loaded, 48)[0], _convert_="all")
+    images, labels, _ = split_arrays(dm, "test")
+    logits = all_logits(loaded.model, images, "none", 128, torch.device("cpu"))[:, 0]
+    labels = torch.from_numpy(labels.astype(np.int64))
+    assert calibrated["temperature"] == 2.0
+    assert calibrated["nll"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits / 2, labels)), rel=1e-5)
+    assert raw["nll"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels)), rel=1e-5)

@@ -133,8 +133,14 @@ def test_tta_averages_the_views_fer_eval_averages(predictor, trained_run, astron
 @pytest.mark.parametrize("option, message", [
     ({"backend": "tpu"}, "backend='tpu': expected one of"),
     ({"fallback": "crop"}, "fallback='crop': expected 'none' or 'full-image'"),
+    ({"margin": -0.5}, "margin=-0.5: expected a number above -0.5"),  # an empty crop
+    ({"margin": -2}, "margin=-2: expected a number above -0.5"),
+    ({"margin": float("nan")}, "margin=nan: expected"),
+    ({"device": "cuda"}, "device=cuda: CUDA is not available on this machine"),
+    ({"device": "gpu"}, "device=gpu: not a device"),
 ])
-def test_bad_options_are_one_line_config_errors(option, message):
+def test_bad_options_are_one_line_config_errors(option, message, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match=message) as error:
         Predictor(None, CLASSES, image_size=48, channels=1, **option)
     assert "\n" not in str(error.value)
@@ -156,9 +162,40 @@ def test_face_crops_are_the_training_decode_of_the_photo_region(predictor, astro
     box = predictor.detector(pixels)[0]
     # What the model sees is exactly what fer.data.cache.decode made of training faces: the PIL crop of
     # the photo (the box plus margin), converted to gray and resized by Pillow.
-    expected = decode(load_image(astronaut_jpeg).crop(crop_box(box, (512, 512), predictor.margin)),
+    expected = decode(load_image(astronaut_jpeg).crop(crop_box(box, predictor.margin)),
                       predictor.image_size, predictor.channels)
     assert np.array_equal(predictor.preprocess(pixels, box), expected)
+
+
+def test_face_crop_is_a_square_around_the_box_padded_by_its_edge_pixels():
+    from fer.faces import crop_face
+
+    image = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    inside = crop_face(image, (20, 10, 20, 16), 0.1)  # side max(20, 16) * 1.2 = 24 about the box's centre
+    assert inside.shape == (24, 24, 3) and np.shares_memory(inside, image)
+    assert np.array_equal(inside, image[6:30, 18:42])
+    cut = crop_face(image, (-10, 5, 30, 30), 0.1)  # a face cut by the left edge: 36 px square, not 23x36
+    padded = np.pad(image, ((50, 50), (50, 50), (0, 0)), mode="edge")
+    assert np.array_equal(cut, padded[50 + 2:50 + 38, 50 - 13:50 + 23])
+    corner = crop_face(image[..., 0], (45, 30, 30, 30), 0.0)  # past two edges, grayscale
+    assert np.array_equal(corner, np.pad(image[..., 0], 30, mode="edge")[60:90, 75:105])
+
+
+def test_a_face_cut_by_the_photos_edge_is_not_stretched(predictor, astronaut_jpeg):
+    pixels = load_pixels(astronaut_jpeg)
+    x, y, w, h = predictor.detector(pixels)[0]
+    cut = x + w // 4  # the photo's left edge through the face, a quarter of it cut away
+    photo = np.ascontiguousarray(pixels[:, cut:])
+    (found,) = predictor.detector.find(photo)
+    assert found.box[0] == 0 and found.box[0] + found.box[2] <= photo.shape[1]  # reported inside the photo
+    assert found.face[0] < 0 and found.face[2] > found.box[2]  # cropped from where the face really is
+    # Same face geometry in both photos: the part of the crop inside the cut photo is the same picture.
+    whole, edge = predictor.preprocess(pixels, (x, y, w, h)), predictor.preprocess(photo, (x - cut, y, w, h))
+    left = round(x + (w - max(w, h) * (1 + 2 * predictor.margin)) / 2)
+    seen = round((cut - left) / (max(w, h) * (1 + 2 * predictor.margin)) * predictor.image_size) + 2
+    assert np.abs(whole[..., seen:].astype(int) - edge[..., seen:]).max() <= 2
+    result = predictor.predict(photo)
+    assert [f.box for f in result.faces] == [found.box]
 
 
 @pytest.mark.parametrize("method", ["blazeface", "haar"])

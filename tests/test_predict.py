@@ -108,3 +108,30 @@ def test_not_a_checkpoint_is_one_line(tmp_path, astronaut_jpeg, capsys):
     assert code == 2
     lines = out.err.strip().splitlines()
     assert len(lines) == 1 and "model.ckpt" in lines[0]
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--margin", "-2"], "error: --margin=-2.0: expected a number above -0.5"),
+    (["--margin", "-0.6"], "error: --margin=-0.6: expected a number above -0.5"),  # was an all-black crop
+    (["--device", "cuda"], "error: --device=cuda: CUDA is not available on this machine"),
+])
+def test_bad_margin_and_device_are_one_line(trained_run, astronaut_jpeg, capsys, monkeypatch, option, message):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
+    code, out = _run([astronaut_jpeg, "--checkpoint", trained_run, *option], capsys)
+    assert code == 2
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), out.err
+
+
+def test_default_margin_frames_faces_as_fer2013(trained_run, astronaut_jpeg, capsys):
+    from fer.export import face_crop_text
+    from fer.faces import DEFAULT_MARGIN
+    from fer.inference import Predictor
+    from fer.predict import parse_args
+
+    assert DEFAULT_MARGIN == 0.1  # FER2013's 48x48 frames are a median 1.2x BlazeFace's box (fer.faces)
+    assert parse_args([str(astronaut_jpeg), "-c", "x"]).margin == DEFAULT_MARGIN
+    assert Predictor(None, CLASSES, 48, 1, backend="torch").margin == DEFAULT_MARGIN
+    assert "a square of side 1.2x the longer side of the detected face box" in face_crop_text()
