@@ -39,7 +39,9 @@ class ProgressiveResize(L.Callback):
     def size_at(self, epoch: int, max_epochs: int, full_size: int) -> int:
         """Training image size of `epoch` (0-based) in a run of `max_epochs` epochs; never below the size
         trained at last (a time budget that grows the plan mid-run must not shrink the images again)."""
-        ramp = self.fraction * max_epochs
+        # The last planned epoch always trains at the full size, however short the plan (a time budget may
+        # cut it to a few epochs) or large the fraction: the network must end adapted to that size.
+        ramp = min(self.fraction * max_epochs, max_epochs - 1)
         if epoch >= ramp or self.start_size >= full_size:
             return full_size
         grown = self.start_size + (full_size - self.start_size) * epoch / ramp

@@ -62,3 +62,12 @@ def test_fit_trains_small_then_full_size_and_validates_at_full_size(tmp_path):
     resumed = ProgressiveResize(start_size=32, step=8, fraction=0.5)
     resumed.load_state_dict(state)
     assert state == {"current_size": 48} and resumed.size_at(1, 4, 48) == 48  # epoch 1 alone would train at 40
+
+
+@pytest.mark.parametrize(("fraction", "max_epochs"), [(0.5, 1), (0.5, 2), (0.75, 3), (0.9, 5), (0.95, 10), (0.5, 10)])
+def test_last_planned_epoch_trains_at_full_size(fraction, max_epochs):
+    # A short plan (a time budget cutting the run to a few epochs) or a large fraction must not leave the
+    # network ending on small images: it is validated, evaluated and exported at the full size.
+    resize = ProgressiveResize(start_size=32, step=8, fraction=fraction)
+    sizes = [resize.size_at(e, max_epochs, 64) for e in range(max_epochs)]
+    assert sizes[-1] == 64 and sizes == sorted(sizes), sizes
