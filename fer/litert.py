@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fer.data.cache import usable_cpus
 from fer.errors import DataError
 
 
@@ -19,7 +20,8 @@ def litert_available() -> bool:
 
 
 def default_threads() -> int:
-    return min(4, os.cpu_count() or 1)
+    # The CPUs this process may use (a SLURM task's share, taskset), as the data loader counts them.
+    return min(4, usable_cpus())
 
 
 @contextlib.contextmanager

@@ -190,3 +190,12 @@ def test_tiles_cover_the_photo(size):
         covered[y:y + h, x:x + w] = True
     assert covered.all()
     assert len(tiles(width, height)) == (1 if max(size) <= 1.5 * min(size) else -(-max(size) // min(size)) + 1)
+
+
+def test_litert_threads_follow_the_usable_cpus(monkeypatch):
+    from fer import litert
+
+    monkeypatch.setattr(litert, "usable_cpus", lambda: 2)  # a SLURM task's share of a 64-core node
+    assert litert.default_threads() == 2
+    monkeypatch.setattr(litert, "usable_cpus", lambda: 64)
+    assert litert.default_threads() == 4
